@@ -1,0 +1,14 @@
+//! Weft discovery: who is in the mesh and which services run where.
+//!
+//! Built on chitchat. This crate owns the gossip transport (sealed with the gossip keyring),
+//! the records each agent publishes, the membership view and the service catalog that the
+//! rest of the agent reads. It never decides trust: gossip tells where things are, the
+//! identity layer decides who they are.
+
+pub mod keyring;
+pub mod metrics;
+pub mod transport;
+
+pub use keyring::{GossipKey, Keyring, KeyringError, SharedKeyring};
+pub use metrics::{GossipMetrics, PacketOutcome};
+pub use transport::{SealConfig, SealedTransport};
