@@ -5,10 +5,16 @@
 //! rest of the agent reads. It never decides trust: gossip tells where things are, the
 //! identity layer decides who they are.
 
+pub mod catalog;
 pub mod keyring;
+pub mod membership;
 pub mod metrics;
+pub mod record;
 pub mod transport;
 
+pub use catalog::{Catalog, CatalogHandle, Endpoint, Member, MemberState};
 pub use keyring::{GossipKey, Keyring, KeyringError, SharedKeyring};
+pub use membership::{DiscoveryError, Membership, MembershipConfig};
 pub use metrics::{GossipMetrics, PacketOutcome};
+pub use record::{Health, NodeRecord, Protocol, ServiceKey, ServiceRecord};
 pub use transport::{SealConfig, SealedTransport};

@@ -1,1 +1,18 @@
-fn main() {}
+//! The `weft` binary: agent and CLI in one.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+mod admin;
+mod agent;
+mod cli;
+mod config;
+mod demo;
+mod health;
+mod metrics;
+mod telemetry;
+
+fn main() -> ExitCode {
+    cli::run(cli::Cli::parse())
+}

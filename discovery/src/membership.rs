@@ -1,0 +1,336 @@
+//! The running gossip member: starts chitchat over the sealed transport, publishes this
+//! agent's node record and services, and turns chitchat's state into the [`Catalog`].
+//!
+//! Owns the chitchat handle. It never holds chitchat's lock across an await and never runs
+//! long work under it: the refresh task copies what it needs and builds the catalog outside.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use chitchat::{
+    ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, Heartbeat, ProtocolVersion,
+    spawn_chitchat,
+};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use crate::catalog::{Catalog, CatalogHandle, CatalogPublisher, NodeSnapshot};
+use crate::keyring::SharedKeyring;
+use crate::metrics::GossipMetrics;
+use crate::record::{
+    self, Health, KEYRING_KEY, NODE_KEY, NodeRecord, STATE_ALIVE, STATE_KEY, STATE_LEFT,
+    ServiceKey, ServiceRecord,
+};
+use crate::transport::{SealConfig, SealedTransport};
+
+/// Errors starting or driving the gossip member.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    /// The gossip socket could not be opened.
+    #[error("failed to start gossip on {addr}: {source}")]
+    Start {
+        /// Address we tried to bind.
+        addr: SocketAddr,
+        /// What chitchat or the OS said.
+        source: anyhow::Error,
+    },
+    /// A health update named a service this agent does not publish.
+    #[error("service {0} is not published by this agent")]
+    UnknownService(ServiceKey),
+}
+
+/// How this agent takes part in gossip.
+#[derive(Debug, Clone)]
+pub struct MembershipConfig {
+    /// Cluster name; members of other clusters are ignored (the trust domain).
+    pub cluster: String,
+    /// Local address to bind.
+    pub bind: SocketAddr,
+    /// Seed members, `host:port` (hostnames are re-resolved periodically).
+    pub seeds: Vec<String>,
+    /// Gossip round period.
+    pub interval: Duration,
+    /// How long a dead or left member stays listed before it is forgotten.
+    pub dead_grace: Duration,
+    /// Transport tuning.
+    pub seal: SealConfig,
+}
+
+/// The local gossip member.
+pub struct Membership {
+    chitchat: ChitchatHandle,
+    catalog: CatalogHandle,
+    local: Mutex<LocalState>,
+    interval: Duration,
+    stop_refresh: watch::Sender<bool>,
+    refresh_task: JoinHandle<()>,
+}
+
+/// What this agent publishes, kept so single fields can be updated.
+struct LocalState {
+    services: BTreeMap<ServiceKey, ServiceRecord>,
+}
+
+impl Membership {
+    /// Joins gossip as `node` (whose `gossip_addr` is advertised to peers) and starts
+    /// publishing `services`.
+    pub async fn start(
+        config: MembershipConfig,
+        node: NodeRecord,
+        services: BTreeMap<ServiceKey, ServiceRecord>,
+        keyring: SharedKeyring,
+        metrics: GossipMetrics,
+    ) -> Result<Membership, DiscoveryError> {
+        let generation = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or_default();
+        let chitchat_id = ChitchatId::new(node.name.clone(), generation, node.gossip_addr);
+        let chitchat_config = ChitchatConfig {
+            chitchat_id,
+            cluster_id: config.cluster.clone(),
+            gossip_interval: config.interval,
+            listen_addr: config.bind,
+            seed_nodes: config.seeds.clone(),
+            failure_detector_config: FailureDetectorConfig {
+                initial_interval: config.interval,
+                dead_node_grace_period: config.dead_grace,
+                ..FailureDetectorConfig::default()
+            },
+            marked_for_deletion_grace_period: config.dead_grace,
+            catchup_callback: None,
+            extra_liveness_predicate: None,
+            protocol_version: ProtocolVersion::V1,
+        };
+        let fingerprints = keyring.load().fingerprints().join(",");
+        metrics.set_keyring_keys(keyring.load().keys().len());
+        let mut initial = vec![
+            (NODE_KEY.to_string(), record::encode(&node)),
+            (STATE_KEY.to_string(), STATE_ALIVE.to_string()),
+            (KEYRING_KEY.to_string(), fingerprints),
+        ];
+        initial.extend(
+            services
+                .iter()
+                .map(|(key, service)| (key.gossip_key(), record::encode(service))),
+        );
+        let transport = SealedTransport::new(keyring, metrics.clone(), config.seal.clone());
+        let chitchat = spawn_chitchat(chitchat_config, initial, &transport)
+            .await
+            .map_err(|source| DiscoveryError::Start {
+                addr: config.bind,
+                source,
+            })?;
+        info!(node = %node.name, generation, bind = %config.bind, seeds = ?config.seeds, "joined gossip");
+
+        let (publisher, catalog) = CatalogPublisher::new();
+        let (stop_refresh, stop_rx) = watch::channel(false);
+        let refresh_task = tokio::spawn(refresh_loop(
+            chitchat.chitchat(),
+            publisher,
+            metrics,
+            config.interval,
+            stop_rx,
+        ));
+        Ok(Membership {
+            chitchat,
+            catalog,
+            local: Mutex::new(LocalState { services }),
+            interval: config.interval,
+            stop_refresh,
+            refresh_task,
+        })
+    }
+
+    /// A handle to the catalog, for readers anywhere in the agent.
+    pub fn catalog(&self) -> CatalogHandle {
+        self.catalog.clone()
+    }
+
+    /// This incarnation's generation number.
+    pub fn generation(&self) -> u64 {
+        self.chitchat.chitchat_id().generation_id
+    }
+
+    /// Replaces the published services: new ones appear, removed ones are deleted, and the
+    /// last known health of a kept service is preserved unless `services` says otherwise.
+    pub async fn set_services(&self, services: BTreeMap<ServiceKey, ServiceRecord>) {
+        let (removed, changed) = {
+            let mut local = self.local.lock().expect("local state lock is never poisoned");
+            let removed: Vec<ServiceKey> = local
+                .services
+                .keys()
+                .filter(|k| !services.contains_key(k))
+                .cloned()
+                .collect();
+            local.services = services;
+            (removed, local.services.clone())
+        };
+        self.chitchat
+            .with_chitchat(|c| {
+                let state = c.self_node_state();
+                for key in &removed {
+                    state.delete(&key.gossip_key());
+                }
+                for (key, service) in &changed {
+                    state.set(key.gossip_key(), record::encode(service));
+                }
+            })
+            .await;
+    }
+
+    /// Publishes a new health result for one local service.
+    pub async fn set_health(&self, service: &ServiceKey, health: Health) -> Result<(), DiscoveryError> {
+        let encoded = {
+            let mut local = self.local.lock().expect("local state lock is never poisoned");
+            let instance = local
+                .services
+                .get_mut(service)
+                .ok_or_else(|| DiscoveryError::UnknownService(service.clone()))?;
+            instance.health = health;
+            record::encode(instance)
+        };
+        let key = service.gossip_key();
+        self.chitchat
+            .with_chitchat(|c| c.self_node_state().set(key.clone(), encoded.clone()))
+            .await;
+        Ok(())
+    }
+
+    /// Publishes the fingerprints of the keyring now in use, after a rotation step.
+    pub async fn set_keyring_fingerprints(&self, fingerprints: &[String]) {
+        let value = fingerprints.join(",");
+        self.chitchat
+            .with_chitchat(|c| c.self_node_state().set(KEYRING_KEY, value.clone()))
+            .await;
+    }
+
+    /// Leaves gracefully: announces `left`, pushes it to every live peer at once, waits a
+    /// gossip round so it spreads, then stops gossiping.
+    pub async fn leave(self) {
+        let peers: Vec<SocketAddr> = self
+            .chitchat
+            .with_chitchat(|c| {
+                c.self_node_state().set(STATE_KEY, STATE_LEFT);
+                let me = c.self_chitchat_id().clone();
+                c.live_nodes()
+                    .filter(|id| **id != me)
+                    .map(|id| id.gossip_advertise_addr)
+                    .collect()
+            })
+            .await;
+        for peer in &peers {
+            if let Err(error) = self.chitchat.gossip(*peer) {
+                debug!(%peer, %error, "could not push leave");
+            }
+        }
+        info!(peers = peers.len(), "announced leave");
+        tokio::time::sleep(self.interval * 2).await;
+        self.shutdown().await;
+    }
+
+    /// Stops gossiping without announcing anything (peers will detect us as dead).
+    pub async fn shutdown(self) {
+        let _ = self.stop_refresh.send(true);
+        let _ = self.refresh_task.await;
+        if let Err(error) = self.chitchat.shutdown().await {
+            warn!(%error, "gossip server stopped with an error");
+        }
+    }
+}
+
+/// Rebuilds the catalog whenever chitchat reports a change, and at least twice per round
+/// so heartbeat lateness (suspect) and dead members are noticed.
+async fn refresh_loop(
+    chitchat: Arc<tokio::sync::Mutex<chitchat::Chitchat>>,
+    publisher: CatalogPublisher,
+    metrics: GossipMetrics,
+    interval: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut live_watcher = chitchat.lock().await.live_nodes_watcher();
+    let mut tick = tokio::time::interval(interval / 2);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut heartbeats = HeartbeatTracker::default();
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            changed = live_watcher.changed() => if changed.is_err() { return },
+            _ = tick.tick() => {}
+        }
+        let snapshots = {
+            let guard = chitchat.lock().await;
+            snapshot(&guard, &mut heartbeats, interval)
+        };
+        let catalog = Catalog::build(snapshots);
+        metrics.set_members(catalog.member_counts());
+        publisher.publish(catalog);
+    }
+}
+
+/// Copies what the catalog needs out of chitchat.
+fn snapshot(
+    chitchat: &chitchat::Chitchat,
+    heartbeats: &mut HeartbeatTracker,
+    interval: Duration,
+) -> Vec<NodeSnapshot> {
+    let me = chitchat.self_chitchat_id();
+    let live: std::collections::HashSet<&ChitchatId> = chitchat.live_nodes().collect();
+    let now = Instant::now();
+    let snapshots: Vec<NodeSnapshot> = chitchat
+        .node_states()
+        .iter()
+        .map(|(id, state)| {
+            let is_self = id == me;
+            let quiet_for = heartbeats.observe(id, state.heartbeat(), now);
+            let late_after = chitchat
+                .failure_detection_timeout(id)
+                .map(|timeout| timeout / 2)
+                .unwrap_or(interval * 4)
+                .max(interval * 2);
+            NodeSnapshot {
+                name: id.node_id.to_string(),
+                generation: id.generation_id,
+                live: is_self || live.contains(id),
+                late: !is_self && quiet_for > late_after,
+                is_self,
+                key_values: state
+                    .key_values()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            }
+        })
+        .collect();
+    heartbeats.retain(|id| chitchat.node_states().contains_key(id));
+    snapshots
+}
+
+/// Remembers when each node's heartbeat last moved, to tell late (suspect) members.
+#[derive(Default)]
+struct HeartbeatTracker {
+    seen: HashMap<ChitchatId, (Heartbeat, Instant)>,
+}
+
+impl HeartbeatTracker {
+    /// Records `heartbeat` and returns how long it has been unchanged.
+    fn observe(&mut self, id: &ChitchatId, heartbeat: Heartbeat, now: Instant) -> Duration {
+        match self.seen.get_mut(id) {
+            Some((last, since)) if *last == heartbeat => now.duration_since(*since),
+            Some(entry) => {
+                *entry = (heartbeat, now);
+                Duration::ZERO
+            }
+            None => {
+                self.seen.insert(id.clone(), (heartbeat, now));
+                Duration::ZERO
+            }
+        }
+    }
+
+    fn retain(&mut self, keep: impl Fn(&ChitchatId) -> bool) {
+        self.seen.retain(|id, _| keep(id));
+    }
+}

@@ -1,0 +1,135 @@
+//! The JSON documents of the admin API, shared by the server (agent) and the client (CLI)
+//! so both sides agree on one shape. Paths are listed in [`paths`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use weft_discovery::{Endpoint, Health, Member, ServiceKey};
+
+/// Admin API paths.
+pub mod paths {
+    /// `GET`: every member ([`super::Member`] list).
+    pub const MEMBERS: &str = "/v1/members";
+    /// `GET`: the catalog ([`super::ServiceEntry`] list).
+    pub const SERVICES: &str = "/v1/services";
+    /// `GET`: this agent ([`super::StatusReport`]).
+    pub const STATUS: &str = "/v1/status";
+    /// `GET`: keyrings in use across members ([`super::KeysReport`]).
+    pub const GOSSIP_KEYS: &str = "/v1/gossip/keys";
+    /// `GET`: Prometheus text.
+    pub const METRICS: &str = "/metrics";
+    /// `GET`: 200 when ready to serve, 503 otherwise.
+    pub const READY: &str = "/ready";
+    /// `GET`: 200 while the process runs.
+    pub const LIVE: &str = "/live";
+}
+
+/// One service and all its endpoints.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceEntry {
+    /// Namespace and name.
+    pub service: ServiceKey,
+    /// Every endpoint, healthy or not.
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// Member counts by state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberCounts {
+    /// Alive members (including this one).
+    pub alive: usize,
+    /// Members with late heartbeats.
+    pub suspect: usize,
+    /// Members declared dead.
+    pub dead: usize,
+    /// Members that left.
+    pub left: usize,
+}
+
+/// A local service and its health.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalService {
+    /// Namespace and name.
+    pub service: ServiceKey,
+    /// Where the app listens.
+    pub address: SocketAddr,
+    /// Last health result.
+    pub health: Health,
+}
+
+/// What `weft status` shows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// Node name.
+    pub node: String,
+    /// SPIFFE trust domain.
+    pub trust_domain: String,
+    /// Weft version.
+    pub version: String,
+    /// Gossip incarnation.
+    pub generation: u64,
+    /// Advertised gossip address.
+    pub gossip_addr: SocketAddr,
+    /// Advertised tunnel address.
+    pub tunnel_addr: SocketAddr,
+    /// Config file in use.
+    pub config: PathBuf,
+    /// Seconds since the agent started.
+    pub uptime_secs: u64,
+    /// Whether `/ready` answers 200.
+    pub ready: bool,
+    /// Members by state.
+    pub members: MemberCounts,
+    /// Keyring fingerprints, primary first.
+    pub keyring: Vec<String>,
+    /// Services this host runs.
+    pub services: Vec<LocalService>,
+}
+
+/// One member's keyring.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberKeys {
+    /// Node name.
+    pub node: String,
+    /// Its state.
+    pub state: weft_discovery::MemberState,
+    /// Fingerprints, primary first.
+    pub keyring: Vec<String>,
+}
+
+/// What `weft gossip keys` shows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeysReport {
+    /// This agent's keyring, primary first.
+    pub local: Vec<String>,
+    /// Every alive or suspect member's keyring.
+    pub members: Vec<MemberKeys>,
+    /// Whether every such member uses the same primary key and holds the same keys.
+    pub uniform: bool,
+}
+
+impl KeysReport {
+    /// Builds the report from the local keyring and the members.
+    pub fn new(local: Vec<String>, members: &[Member]) -> KeysReport {
+        let members: Vec<MemberKeys> = members
+            .iter()
+            .filter(|m| m.state.is_routable())
+            .map(|m| MemberKeys {
+                node: m.name.clone(),
+                state: m.state,
+                keyring: m.keyring.clone(),
+            })
+            .collect();
+        let uniform = members.iter().all(|m| {
+            m.keyring.first() == local.first() && {
+                let mut a = m.keyring.clone();
+                let mut b = local.clone();
+                a.sort();
+                b.sort();
+                a == b
+            }
+        });
+        KeysReport { local, members, uniform }
+    }
+}

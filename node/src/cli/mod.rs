@@ -1,0 +1,121 @@
+//! The `weft` command line: argument definitions and dispatch. Each command's work lives in
+//! its own module; this one only maps arguments to it and failures to exit codes
+//! (0 success, 1 failure, 2 usage errors, which clap reports itself).
+
+mod agent;
+mod gossip;
+mod read;
+mod table;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, CommandFactory, Parser, Subcommand};
+
+use crate::config::{Config, DEFAULT_CONFIG_PATH};
+
+/// Weft: a service mesh for VMs and bare-metal hosts.
+#[derive(Debug, Parser)]
+#[command(name = "weft", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Agent config file.
+    #[arg(short = 'c', long = "config", global = true, env = "WEFT_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+    pub config: PathBuf,
+    /// Admin socket of the local agent (default: `admin.socket` from the config file).
+    #[arg(long, global = true, env = "WEFT_SOCKET")]
+    pub socket: Option<PathBuf>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Output options of read commands.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct ReadArgs {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Every command.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent (what the systemd unit starts).
+    Agent,
+    /// Validate a config file (and the gossip keyring it names) without starting.
+    CheckConfig,
+    /// Start a self-contained mesh of 3 agents on loopback and show it converge, until Ctrl-C.
+    Demo(crate::demo::DemoArgs),
+    /// List gossip members: name, addresses, state, age, labels, roles.
+    Members(ReadArgs),
+    /// Show the service catalog: service, endpoints, health, node.
+    Services {
+        /// Only this service (`name` or `namespace/name`).
+        name: Option<String>,
+        #[command(flatten)]
+        read: ReadArgs,
+    },
+    /// Show this agent: identity, addresses, peers, keyring, readiness.
+    Status(ReadArgs),
+    /// Gossip keys: create one, or show the keyrings in use across members.
+    Gossip {
+        #[command(subcommand)]
+        command: GossipCommand,
+    },
+    /// Print a shell completion script.
+    Completions {
+        /// Shell to generate for.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff).
+    Man,
+}
+
+/// `weft gossip …`.
+#[derive(Debug, Subcommand)]
+pub enum GossipCommand {
+    /// Print a new random gossip key (base64), for a keyring file.
+    Keygen,
+    /// Show the keyring of this agent and of every live member.
+    Keys(ReadArgs),
+}
+
+/// Runs the parsed command line.
+pub fn run(cli: Cli) -> ExitCode {
+    let result = match &cli.command {
+        Command::Agent => agent::run(&cli.config),
+        Command::CheckConfig => agent::check_config(&cli.config),
+        Command::Demo(args) => crate::demo::run(args),
+        Command::Members(read) => read::members(&admin_socket(&cli), *read),
+        Command::Services { name, read } => read::services(&admin_socket(&cli), name.as_deref(), *read),
+        Command::Status(read) => read::status(&admin_socket(&cli), *read),
+        Command::Gossip { command: GossipCommand::Keygen } => gossip::keygen(),
+        Command::Gossip { command: GossipCommand::Keys(read) } => gossip::keys(&admin_socket(&cli), *read),
+        Command::Completions { shell } => {
+            clap_complete::generate(*shell, &mut Cli::command(), "weft", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man => clap_mangen::Man::new(Cli::command())
+            .render(&mut std::io::stdout())
+            .map_err(anyhow::Error::from),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("weft: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The admin socket: `--socket`, else the config file's `admin.socket`, else the default
+/// (when the config file cannot be read, as for a user outside the `weft` group).
+fn admin_socket(cli: &Cli) -> PathBuf {
+    if let Some(socket) = &cli.socket {
+        return socket.clone();
+    }
+    match Config::load(&cli.config) {
+        Ok(config) => config.admin.socket,
+        Err(_) => Path::new("/run/weft/admin.sock").to_path_buf(),
+    }
+}

@@ -1,0 +1,637 @@
+//! `weft.toml`: the one config file of an agent, parsed once into validated types.
+//!
+//! Nothing downstream re-parses strings: addresses, durations, names and the trust domain
+//! are typed here. Every error names the file, the line and the key (see [`ConfigError`]).
+//! Which settings SIGHUP may change live is decided in [`Config::reload_changes`].
+
+mod source;
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use weft_ca::TrustDomain;
+use weft_discovery::{Protocol, ServiceKey};
+
+pub use source::{ConfigError, KeyPath};
+use source::Source;
+
+/// Where the agent reads its config unless told otherwise.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/weft/weft.toml";
+
+/// A validated agent configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The file it was read from.
+    pub path: PathBuf,
+    /// `[node]`.
+    pub node: NodeConfig,
+    /// `[gossip]`.
+    pub gossip: GossipConfig,
+    /// `[tunnel]`.
+    pub tunnel: TunnelConfig,
+    /// `[admin]`.
+    pub admin: AdminConfig,
+    /// `[log]`.
+    pub log: LogConfig,
+    /// `[[service]]`: services this host runs.
+    pub services: Vec<ServiceConfig>,
+}
+
+/// `[node]`: who this host is.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeConfig {
+    /// Node name, unique in the mesh (default: the hostname).
+    pub name: String,
+    /// SPIFFE trust domain; also the gossip cluster name.
+    pub trust_domain: TrustDomain,
+    /// State directory.
+    pub data_dir: PathBuf,
+    /// Labels published in gossip (e.g. `zone`).
+    pub labels: BTreeMap<String, String>,
+}
+
+/// `[gossip]`: membership and discovery.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GossipConfig {
+    /// Local UDP address.
+    pub bind: SocketAddr,
+    /// Address peers use to reach this agent.
+    pub advertise: SocketAddr,
+    /// Seed members, `host:port`.
+    pub seeds: Vec<String>,
+    /// Keyring file: one base64 key a line; the first encrypts, all decrypt.
+    pub keyring: PathBuf,
+    /// Gossip round period.
+    pub interval: Duration,
+    /// How long a dead or left member stays listed before it is forgotten.
+    pub dead_grace: Duration,
+    /// Largest UDP datagram sent; larger gossip messages are split into sealed fragments.
+    pub max_datagram: usize,
+}
+
+/// `[tunnel]`: the QUIC tunnel endpoint (advertised in gossip).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TunnelConfig {
+    /// Local UDP address.
+    pub bind: SocketAddr,
+    /// Address peers use to reach it.
+    pub advertise: SocketAddr,
+}
+
+/// `[admin]`: the local admin API.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdminConfig {
+    /// Unix socket of the JSON admin API (mode 0600).
+    pub socket: PathBuf,
+    /// HTTP address serving `/metrics`, `/ready`, `/live`.
+    pub http: SocketAddr,
+}
+
+/// `[log]`: what the agent logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogConfig {
+    /// A tracing filter such as `info` or `weft=debug,info` (`RUST_LOG` overrides it).
+    pub level: String,
+    /// `text` or `json`.
+    pub format: LogFormat,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines (journald adds timestamps).
+    Text,
+    /// One JSON object a line.
+    Json,
+}
+
+/// `[[service]]`: a service this host runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceConfig {
+    /// Namespace and name.
+    pub key: ServiceKey,
+    /// Where the app listens on this host.
+    pub address: SocketAddr,
+    /// Application protocol.
+    pub protocol: Protocol,
+    /// Relative load-balancing weight.
+    pub weight: u32,
+    /// Local health check, if any.
+    pub check: Option<CheckConfig>,
+}
+
+/// A local health check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckConfig {
+    /// What to probe.
+    pub kind: CheckKind,
+    /// Time between probes.
+    pub interval: Duration,
+    /// How long one probe may take.
+    pub timeout: Duration,
+}
+
+/// What a health check probes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckKind {
+    /// TCP connect to the service address.
+    Tcp,
+    /// HTTP GET of this path on the service address; 2xx and 3xx pass.
+    Http {
+        /// Request path, starting with `/`.
+        path: String,
+    },
+    /// Run a command; exit status 0 passes.
+    Exec {
+        /// Program and arguments (no shell).
+        argv: Vec<String>,
+    },
+}
+
+/// Which live settings changed between two valid configs, and which changes need a restart.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ReloadChanges {
+    /// Services or their checks changed.
+    pub services: bool,
+    /// The log level changed.
+    pub log_level: bool,
+    /// Keys whose new values only take effect after a restart.
+    pub need_restart: Vec<&'static str>,
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        // Absolute, so a reload finds the same file whatever the working directory is.
+        let path = &std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_path_buf(),
+            line: None,
+            key: KeyPath::default(),
+            message: format!("cannot read config: {e}"),
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Validates config text; `path` is used in errors and to resolve nothing else.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let source = Source::new(path, text);
+        let deserializer =
+            toml::de::Deserializer::parse(text).map_err(|e| source.from_syntax(e))?;
+        let raw: RawConfig =
+            serde_path_to_error::deserialize(deserializer).map_err(|e| source.from_serde(e))?;
+        raw.validate(path, &source)
+    }
+
+    /// Compares a new config with this (running) one for a SIGHUP reload.
+    pub fn reload_changes(&self, new: &Config) -> ReloadChanges {
+        let mut need_restart = Vec::new();
+        if self.node != new.node {
+            need_restart.push("node");
+        }
+        if self.gossip != new.gossip {
+            need_restart.push("gossip");
+        }
+        if self.tunnel != new.tunnel {
+            need_restart.push("tunnel");
+        }
+        if self.admin != new.admin {
+            need_restart.push("admin");
+        }
+        if self.log.format != new.log.format {
+            need_restart.push("log.format");
+        }
+        ReloadChanges {
+            services: self.services != new.services,
+            log_level: self.log.level != new.log.level,
+            need_restart,
+        }
+    }
+}
+
+// ---- the file as written ------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    node: RawNode,
+    #[serde(default)]
+    gossip: RawGossip,
+    #[serde(default)]
+    tunnel: RawTunnel,
+    #[serde(default)]
+    admin: RawAdmin,
+    #[serde(default)]
+    log: RawLog,
+    #[serde(default)]
+    service: Vec<RawService>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    name: Option<String>,
+    trust_domain: TrustDomain,
+    #[serde(default = "default_data_dir")]
+    data_dir: PathBuf,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGossip {
+    #[serde(default = "default_gossip_bind", deserialize_with = "socket_addr")]
+    bind: SocketAddr,
+    #[serde(default, deserialize_with = "optional_socket_addr")]
+    advertise: Option<SocketAddr>,
+    #[serde(default)]
+    seeds: Vec<String>,
+    #[serde(default = "default_keyring")]
+    keyring: PathBuf,
+    #[serde(default = "default_gossip_interval", deserialize_with = "duration")]
+    interval: Duration,
+    #[serde(default = "default_dead_grace", deserialize_with = "duration")]
+    dead_grace: Duration,
+    #[serde(default = "default_max_datagram")]
+    max_datagram: usize,
+}
+
+impl Default for RawGossip {
+    fn default() -> Self {
+        RawGossip {
+            bind: default_gossip_bind(),
+            advertise: None,
+            seeds: Vec::new(),
+            keyring: default_keyring(),
+            interval: default_gossip_interval(),
+            dead_grace: default_dead_grace(),
+            max_datagram: default_max_datagram(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTunnel {
+    #[serde(default = "default_tunnel_bind", deserialize_with = "socket_addr")]
+    bind: SocketAddr,
+    #[serde(default, deserialize_with = "optional_socket_addr")]
+    advertise: Option<SocketAddr>,
+}
+
+impl Default for RawTunnel {
+    fn default() -> Self {
+        RawTunnel {
+            bind: default_tunnel_bind(),
+            advertise: None,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    #[serde(default = "default_admin_socket")]
+    socket: PathBuf,
+    #[serde(default = "default_admin_http", deserialize_with = "socket_addr")]
+    http: SocketAddr,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        RawAdmin {
+            socket: default_admin_socket(),
+            http: default_admin_http(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    #[serde(default = "default_log_level")]
+    level: String,
+    #[serde(default = "default_log_format")]
+    format: LogFormat,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        RawLog {
+            level: default_log_level(),
+            format: default_log_format(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: String,
+    #[serde(default = "default_namespace")]
+    namespace: String,
+    port: u16,
+    #[serde(default = "default_service_address")]
+    address: IpAddr,
+    #[serde(default = "default_protocol")]
+    protocol: Protocol,
+    #[serde(default = "default_weight")]
+    weight: u32,
+    check: Option<RawCheck>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCheck {
+    http: Option<String>,
+    tcp: Option<bool>,
+    exec: Option<Vec<String>>,
+    #[serde(default = "default_check_interval", deserialize_with = "duration")]
+    interval: Duration,
+    #[serde(default = "default_check_timeout", deserialize_with = "duration")]
+    timeout: Duration,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("/var/lib/weft")
+}
+fn default_gossip_bind() -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::UNSPECIFIED, 7401))
+}
+fn default_tunnel_bind() -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::UNSPECIFIED, 7402))
+}
+fn default_keyring() -> PathBuf {
+    PathBuf::from("/etc/weft/gossip.keys")
+}
+fn default_gossip_interval() -> Duration {
+    Duration::from_millis(500)
+}
+fn default_dead_grace() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_max_datagram() -> usize {
+    weft_discovery::SealConfig::default().max_datagram
+}
+fn default_admin_socket() -> PathBuf {
+    PathBuf::from("/run/weft/admin.sock")
+}
+fn default_admin_http() -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, 7480))
+}
+fn default_log_level() -> String {
+    "info".into()
+}
+fn default_log_format() -> LogFormat {
+    LogFormat::Text
+}
+fn default_namespace() -> String {
+    "default".into()
+}
+fn default_service_address() -> IpAddr {
+    IpAddr::V4(Ipv4Addr::LOCALHOST)
+}
+fn default_protocol() -> Protocol {
+    Protocol::Tcp
+}
+fn default_weight() -> u32 {
+    1
+}
+fn default_check_interval() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_check_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+
+fn socket_addr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let text = String::deserialize(d)?;
+    text.parse().map_err(|_| {
+        serde::de::Error::custom(format!(
+            "{text:?} is not an IP:PORT socket address (e.g. \"0.0.0.0:7401\" or \"[::]:7401\")"
+        ))
+    })
+}
+
+fn optional_socket_addr<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<SocketAddr>, D::Error> {
+    socket_addr(d).map(Some)
+}
+
+fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    humantime::parse_duration(&text).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "{text:?} is not a duration ({e}); write e.g. \"500ms\", \"5s\", \"1h\""
+        ))
+    })
+}
+
+// ---- validation ---------------------------------------------------------------------------
+
+/// Node names and service names become SPIFFE path segments and DNS-like labels.
+fn check_name(what: &str, name: &str) -> Result<(), String> {
+    let valid_chars = name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_' || b == b'.');
+    if name.is_empty() || name.len() > 63 {
+        Err(format!("{what} {name:?} must be 1 to 63 characters"))
+    } else if !valid_chars {
+        Err(format!(
+            "{what} {name:?} may contain only lowercase letters, digits, '-', '_' and '.'"
+        ))
+    } else if name == "." || name == ".." || name.starts_with('-') {
+        Err(format!("{what} {name:?} is not a valid name"))
+    } else {
+        Ok(())
+    }
+}
+
+fn advertise_for(
+    source: &Source<'_>,
+    section: &str,
+    bind: SocketAddr,
+    advertise: Option<SocketAddr>,
+) -> Result<SocketAddr, ConfigError> {
+    let advertise = match advertise {
+        Some(a) => a,
+        None if !bind.ip().is_unspecified() => bind,
+        None => {
+            return Err(source.error_at(
+                KeyPath::parse(&format!("{section}.bind")),
+                format!(
+                    "{bind} is a wildcard address, so {section}.advertise must say which address peers use"
+                ),
+            ));
+        }
+    };
+    if advertise.ip().is_unspecified() || advertise.port() == 0 {
+        return Err(source.error_at(
+            KeyPath::parse(&format!("{section}.advertise")),
+            format!("{advertise} cannot be advertised: give a specific IP and a non-zero port"),
+        ));
+    }
+    Ok(advertise)
+}
+
+impl RawConfig {
+    fn validate(self, path: &Path, source: &Source<'_>) -> Result<Config, ConfigError> {
+        let name = match self.node.name {
+            Some(name) => name,
+            None => gethostname::gethostname()
+                .into_string()
+                .map_err(|_| source.error_at(KeyPath::parse("node"), "the hostname is not UTF-8; set node.name"))?
+                .to_lowercase(),
+        };
+        check_name("node name", &name).map_err(|m| source.error_at(KeyPath::parse("node.name"), m))?;
+        for label in self.node.labels.keys() {
+            check_name("label", label)
+                .map_err(|m| source.error_at(KeyPath::parse(&format!("node.labels.{label}")), m))?;
+        }
+
+        let gossip_advertise = advertise_for(source, "gossip", self.gossip.bind, self.gossip.advertise)?;
+        for (i, seed) in self.gossip.seeds.iter().enumerate() {
+            let valid = seed
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0));
+            if !valid {
+                return Err(source.error_at(
+                    KeyPath::parse(&format!("gossip.seeds.{i}")),
+                    format!("seed {seed:?} must be HOST:PORT (e.g. \"198.18.0.10:7401\" or \"seed.example.com:7401\")"),
+                ));
+            }
+        }
+        if self.gossip.interval < Duration::from_millis(10) || self.gossip.interval > Duration::from_secs(60) {
+            return Err(source.error_at(KeyPath::parse("gossip.interval"), "must be between 10ms and 60s"));
+        }
+        if self.gossip.dead_grace < self.gossip.interval * 4 {
+            return Err(source.error_at(
+                KeyPath::parse("gossip.dead_grace"),
+                "must be at least four gossip intervals",
+            ));
+        }
+        if !(1200..=65_507).contains(&self.gossip.max_datagram) {
+            return Err(source.error_at(KeyPath::parse("gossip.max_datagram"), "must be between 1200 and 65507 bytes"));
+        }
+        let tunnel_advertise = advertise_for(source, "tunnel", self.tunnel.bind, self.tunnel.advertise)?;
+
+        if self.log.level.parse::<tracing_subscriber::EnvFilter>().is_err() {
+            return Err(source.error_at(
+                KeyPath::parse("log.level"),
+                format!("{:?} is not a log filter (e.g. \"info\" or \"weft=debug,info\")", self.log.level),
+            ));
+        }
+
+        let mut seen = HashSet::new();
+        let mut services = Vec::with_capacity(self.service.len());
+        for (i, raw) in self.service.into_iter().enumerate() {
+            let at = |field: &str| KeyPath::parse(&format!("service.{i}.{field}"));
+            check_name("service name", &raw.name).map_err(|m| source.error_at(at("name"), m))?;
+            check_name("namespace", &raw.namespace).map_err(|m| source.error_at(at("namespace"), m))?;
+            if raw.port == 0 {
+                return Err(source.error_at(at("port"), "must be 1 to 65535"));
+            }
+            let key = ServiceKey::new(raw.namespace, raw.name);
+            if !seen.insert(key.clone()) {
+                return Err(source.error_at(at("name"), format!("service {key} is defined twice")));
+            }
+            let check = raw
+                .check
+                .map(|c| c.validate(&at("check"), source))
+                .transpose()?;
+            services.push(ServiceConfig {
+                key,
+                address: SocketAddr::new(raw.address, raw.port),
+                protocol: raw.protocol,
+                weight: raw.weight,
+                check,
+            });
+        }
+
+        Ok(Config {
+            path: path.to_path_buf(),
+            node: NodeConfig {
+                name,
+                trust_domain: self.node.trust_domain,
+                data_dir: self.node.data_dir,
+                labels: self.node.labels,
+            },
+            gossip: GossipConfig {
+                bind: self.gossip.bind,
+                advertise: gossip_advertise,
+                seeds: self.gossip.seeds,
+                keyring: self.gossip.keyring,
+                interval: self.gossip.interval,
+                dead_grace: self.gossip.dead_grace,
+                max_datagram: self.gossip.max_datagram,
+            },
+            tunnel: TunnelConfig {
+                bind: self.tunnel.bind,
+                advertise: tunnel_advertise,
+            },
+            admin: AdminConfig {
+                socket: self.admin.socket,
+                http: self.admin.http,
+            },
+            log: LogConfig {
+                level: self.log.level,
+                format: self.log.format,
+            },
+            services,
+        })
+    }
+}
+
+impl RawCheck {
+    fn validate(self, at: &KeyPath, source: &Source<'_>) -> Result<CheckConfig, ConfigError> {
+        let field = |name: &str| {
+            let mut path = at.clone();
+            path.0.push(source::KeySegment::Key(name.into()));
+            path
+        };
+        let kind = match (self.http, self.tcp, self.exec) {
+            (Some(path), None, None) => {
+                if !path.starts_with('/') {
+                    return Err(source.error_at(field("http"), format!("{path:?} must be a path starting with '/'")));
+                }
+                CheckKind::Http { path }
+            }
+            (None, Some(true), None) => CheckKind::Tcp,
+            (None, Some(false), None) => {
+                return Err(source.error_at(field("tcp"), "`tcp = false` is not a check; remove the check instead"));
+            }
+            (None, None, Some(argv)) => {
+                if argv.is_empty() || argv[0].is_empty() {
+                    return Err(source.error_at(field("exec"), "needs a program, e.g. [\"/usr/bin/check\", \"arg\"]"));
+                }
+                CheckKind::Exec { argv }
+            }
+            _ => {
+                return Err(source.error_at(
+                    at.clone(),
+                    "a check needs exactly one of `http = \"/path\"`, `tcp = true` or `exec = [\"cmd\", ...]`",
+                ));
+            }
+        };
+        if self.timeout.is_zero() || self.interval.is_zero() {
+            return Err(source.error_at(field("interval"), "interval and timeout must be greater than zero"));
+        }
+        if self.timeout > self.interval {
+            return Err(source.error_at(field("timeout"), "must not be longer than the check interval"));
+        }
+        Ok(CheckConfig {
+            kind,
+            interval: self.interval,
+            timeout: self.timeout,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,190 @@
+//! `weft demo`: three agents on loopback in one process, with demo services, printing the
+//! members and the catalog as they converge and staying up until Ctrl-C.
+//!
+//! Everything it creates lives in one temporary directory that is removed on exit.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Args;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use weft_discovery::{Catalog, GossipKey};
+
+use crate::agent::{Agent, Control};
+use crate::config::Config;
+
+/// `weft demo` options.
+#[derive(Debug, Clone, Args)]
+pub struct DemoArgs {
+    /// First port of the block the demo uses (it needs 40 ports from here).
+    #[arg(long, default_value_t = 17400)]
+    pub base_port: u16,
+}
+
+const NODES: [&str; 3] = ["node-1", "node-2", "node-3"];
+
+/// Runs the demo until Ctrl-C.
+pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(demo(args.base_port))
+}
+
+async fn demo(base: u16) -> anyhow::Result<()> {
+    let _ = crate::telemetry::init("warn", crate::config::LogFormat::Text);
+    let dir = tempfile::Builder::new().prefix("weft-demo-").tempdir()?;
+    let keyring = dir.path().join("gossip.keys");
+    std::fs::write(&keyring, format!("{}\n", GossipKey::generate().to_base64()))?;
+    std::fs::set_permissions(&keyring, std::fs::Permissions::from_mode(0o600))?;
+
+    let web = serve_demo_http(base + 31, "hello from web on node-1\n").await?;
+    let api = serve_demo_http(base + 32, "hello from api on node-2\n").await?;
+    let db = serve_echo(base + 33).await?;
+    let apps = [("web", "http", web, "http = \"/healthz\""), ("api", "http", api, "http = \"/healthz\""), ("db", "tcp", db, "tcp = true")];
+
+    println!("Weft demo: 3 agents on 127.0.0.1, gossip sealed with a fresh key, files in {}", dir.path().display());
+    let started = Instant::now();
+    let mut controls = Vec::new();
+    let mut tasks = Vec::new();
+    let mut first_catalog = None;
+    for (i, node) in NODES.iter().enumerate() {
+        let port = |offset: u16| base + (i as u16) * 10 + offset;
+        let (service, protocol, addr, check) = apps[i];
+        let text = format!(
+            "[node]\nname = \"{node}\"\ntrust_domain = \"demo.weft\"\ndata_dir = \"{dir}/{node}\"\nlabels = {{ zone = \"zone-{zone}\" }}\n\n\
+             [gossip]\nbind = \"127.0.0.1:{gossip}\"\nseeds = [\"127.0.0.1:{seed}\"]\nkeyring = \"{keyring}\"\ninterval = \"200ms\"\n\n\
+             [tunnel]\nbind = \"127.0.0.1:{tunnel}\"\n\n[admin]\nsocket = \"{dir}/{node}.sock\"\nhttp = \"127.0.0.1:{http}\"\n\n\
+             [[service]]\nname = \"{service}\"\nport = {app_port}\nprotocol = \"{protocol}\"\ncheck = {{ {check}, interval = \"1s\", timeout = \"500ms\" }}\n",
+            dir = dir.path().display(),
+            zone = i % 2 + 1,
+            gossip = port(1),
+            seed = base + 1,
+            keyring = keyring.display(),
+            tunnel = port(2),
+            http = port(0),
+            app_port = addr.port(),
+        );
+        let path = dir.path().join(format!("{node}.toml"));
+        std::fs::write(&path, text)?;
+        let config = Config::load(&path)?;
+        let agent = Agent::start(config, None)
+            .await
+            .with_context(|| format!("failed to start {node} (is port block {base}..{} free? try --base-port)", base + 40))?;
+        if first_catalog.is_none() {
+            first_catalog = Some(agent.shared().catalog.clone());
+        }
+        let (control, control_rx) = mpsc::channel(2);
+        controls.push(control);
+        tasks.push(tokio::spawn(agent.run(control_rx)));
+    }
+
+    let mut catalog = first_catalog.expect("three agents started");
+    let mut converged = false;
+    let mut last_shown = String::new();
+    loop {
+        let shown = render(&catalog.current());
+        if shown != last_shown {
+            println!("\n[+{:>5} ms] as node-1 sees the mesh:\n{shown}", started.elapsed().as_millis());
+            last_shown = shown;
+        }
+        if !converged && is_converged(&catalog.current()) {
+            converged = true;
+            println!("converged in {} ms: 3 members alive, 3 services passing.", started.elapsed().as_millis());
+            println!("\nTry, in another terminal:");
+            println!("  weft members --socket {}/node-1.sock", dir.path().display());
+            println!("  weft services --socket {}/node-2.sock", dir.path().display());
+            println!("  weft gossip keys --socket {}/node-3.sock", dir.path().display());
+            println!("  curl -s 127.0.0.1:{}/metrics | grep weft_gossip", base);
+            println!("Press Ctrl-C to stop (the agents leave gracefully and {} is removed).", dir.path().display());
+            let _ = std::io::stdout().flush();
+        }
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            changed = catalog.changed() => if changed.is_err() { break },
+        }
+    }
+    println!("\nstopping: each agent announces it is leaving");
+    for control in &controls {
+        let _ = control.send(Control::Stop).await;
+    }
+    for task in tasks {
+        let _ = task.await;
+    }
+    dir.close()?;
+    println!("stopped; removed the demo directory");
+    Ok(())
+}
+
+fn is_converged(catalog: &Catalog) -> bool {
+    let [alive, ..] = catalog.member_counts();
+    alive == NODES.len()
+        && catalog.services.len() == 3
+        && catalog.services.values().all(|eps| eps.iter().any(|e| e.is_routable()))
+}
+
+fn render(catalog: &Catalog) -> String {
+    let mut out = String::new();
+    for member in catalog.members.values() {
+        let zone = member
+            .record
+            .as_ref()
+            .and_then(|r| r.labels.get("zone").cloned())
+            .unwrap_or_default();
+        out.push_str(&format!("  member  {:<8} {:<8} {}\n", member.name, member.state.as_str(), zone));
+    }
+    let services: BTreeMap<_, _> = catalog.services.iter().collect();
+    for (service, endpoints) in services {
+        for e in endpoints {
+            out.push_str(&format!("  service {:<12} on {:<8} {:<5} {}\n", service.to_string(), e.node, e.protocol.to_string(), e.health));
+        }
+    }
+    out
+}
+
+/// A tiny HTTP/1.1 server answering every request with `body` (and `/healthz` with 200).
+async fn serve_demo_http(port: u16, body: &'static str) -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .with_context(|| format!("demo app port {port} is busy; try --base-port"))?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |_req| async move {
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from_static(body.as_bytes()))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// A TCP echo server.
+async fn serve_echo(port: u16) -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .with_context(|| format!("demo app port {port} is busy; try --base-port"))?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = stream.read(&mut buf).await {
+                    if n == 0 || stream.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    Ok(addr)
+}
+
