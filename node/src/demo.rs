@@ -45,9 +45,16 @@ async fn demo(base: u16) -> anyhow::Result<()> {
     let web = serve_demo_http(base + 31, "hello from web on node-1\n").await?;
     let api = serve_demo_http(base + 32, "hello from api on node-2\n").await?;
     let db = serve_echo(base + 33).await?;
-    let apps = [("web", "http", web, "http = \"/healthz\""), ("api", "http", api, "http = \"/healthz\""), ("db", "tcp", db, "tcp = true")];
+    let apps = [
+        ("web", "http", web, "http = \"/healthz\""),
+        ("api", "http", api, "http = \"/healthz\""),
+        ("db", "tcp", db, "tcp = true"),
+    ];
 
-    println!("Weft demo: 3 agents on 127.0.0.1, gossip sealed with a fresh key, files in {}", dir.path().display());
+    println!(
+        "Weft demo: 3 agents on 127.0.0.1, gossip sealed with a fresh key, files in {}",
+        dir.path().display()
+    );
     let started = Instant::now();
     let mut controls = Vec::new();
     let mut tasks = Vec::new();
@@ -72,9 +79,12 @@ async fn demo(base: u16) -> anyhow::Result<()> {
         let path = dir.path().join(format!("{node}.toml"));
         std::fs::write(&path, text)?;
         let config = Config::load(&path)?;
-        let agent = Agent::start(config, None)
-            .await
-            .with_context(|| format!("failed to start {node} (is port block {base}..{} free? try --base-port)", base + 40))?;
+        let agent = Agent::start(config, None).await.with_context(|| {
+            format!(
+                "failed to start {node} (is port block {base}..{} free? try --base-port)",
+                base + 40
+            )
+        })?;
         if first_catalog.is_none() {
             first_catalog = Some(agent.shared().catalog.clone());
         }
@@ -89,18 +99,36 @@ async fn demo(base: u16) -> anyhow::Result<()> {
     loop {
         let shown = render(&catalog.current());
         if shown != last_shown {
-            println!("\n[+{:>5} ms] as node-1 sees the mesh:\n{shown}", started.elapsed().as_millis());
+            println!(
+                "\n[+{:>5} ms] as node-1 sees the mesh:\n{shown}",
+                started.elapsed().as_millis()
+            );
             last_shown = shown;
         }
         if !converged && is_converged(&catalog.current()) {
             converged = true;
-            println!("converged in {} ms: 3 members alive, 3 services passing.", started.elapsed().as_millis());
+            println!(
+                "converged in {} ms: 3 members alive, 3 services passing.",
+                started.elapsed().as_millis()
+            );
             println!("\nTry, in another terminal:");
-            println!("  weft members --socket {}/node-1.sock", dir.path().display());
-            println!("  weft services --socket {}/node-2.sock", dir.path().display());
-            println!("  weft gossip keys --socket {}/node-3.sock", dir.path().display());
+            println!(
+                "  weft members --socket {}/node-1.sock",
+                dir.path().display()
+            );
+            println!(
+                "  weft services --socket {}/node-2.sock",
+                dir.path().display()
+            );
+            println!(
+                "  weft gossip keys --socket {}/node-3.sock",
+                dir.path().display()
+            );
             println!("  curl -s 127.0.0.1:{}/metrics | grep weft_gossip", base);
-            println!("Press Ctrl-C to stop (the agents leave gracefully and {} is removed).", dir.path().display());
+            println!(
+                "Press Ctrl-C to stop (the agents leave gracefully and {} is removed).",
+                dir.path().display()
+            );
             let _ = std::io::stdout().flush();
         }
         tokio::select! {
@@ -124,7 +152,10 @@ fn is_converged(catalog: &Catalog) -> bool {
     let [alive, ..] = catalog.member_counts();
     alive == NODES.len()
         && catalog.services.len() == 3
-        && catalog.services.values().all(|eps| eps.iter().any(|e| e.is_routable()))
+        && catalog
+            .services
+            .values()
+            .all(|eps| eps.iter().any(|e| e.is_routable()))
 }
 
 fn render(catalog: &Catalog) -> String {
@@ -135,12 +166,23 @@ fn render(catalog: &Catalog) -> String {
             .as_ref()
             .and_then(|r| r.labels.get("zone").cloned())
             .unwrap_or_default();
-        out.push_str(&format!("  member  {:<8} {:<8} {}\n", member.name, member.state.as_str(), zone));
+        out.push_str(&format!(
+            "  member  {:<8} {:<8} {}\n",
+            member.name,
+            member.state.as_str(),
+            zone
+        ));
     }
     let services: BTreeMap<_, _> = catalog.services.iter().collect();
     for (service, endpoints) in services {
         for e in endpoints {
-            out.push_str(&format!("  service {:<12} on {:<8} {:<5} {}\n", service.to_string(), e.node, e.protocol.to_string(), e.health));
+            out.push_str(&format!(
+                "  service {:<12} on {:<8} {:<5} {}\n",
+                service.to_string(),
+                e.node,
+                e.protocol.to_string(),
+                e.health
+            ));
         }
     }
     out
@@ -156,7 +198,9 @@ async fn serve_demo_http(port: u16, body: &'static str) -> anyhow::Result<Socket
         while let Ok((stream, _)) = listener.accept().await {
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |_req| async move {
-                    Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from_static(body.as_bytes()))))
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                        http_body_util::Full::new(bytes::Bytes::from_static(body.as_bytes())),
+                    ))
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
@@ -187,4 +231,3 @@ async fn serve_echo(port: u16) -> anyhow::Result<SocketAddr> {
     });
     Ok(addr)
 }
-

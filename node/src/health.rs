@@ -4,11 +4,11 @@
 //! publishes it in gossip and counts it. A probe never blocks longer than its timeout, and
 //! exec checks run without a shell and are killed if they overrun.
 
-use std::net::SocketAddr;
-use std::process::Stdio;
 use http_body_util::Empty;
 use hyper::Request;
 use hyper_util::rt::TokioIo;
+use std::net::SocketAddr;
+use std::process::Stdio;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::debug;
@@ -51,7 +51,11 @@ impl HealthChecks {
                     let outcome = probe(&check, address).await;
                     let result = CheckResult {
                         service: key.clone(),
-                        health: if outcome.is_ok() { Health::Passing } else { Health::Failing },
+                        health: if outcome.is_ok() {
+                            Health::Passing
+                        } else {
+                            Health::Failing
+                        },
                         reason: outcome.err(),
                     };
                     if results.send(result).await.is_err() {
@@ -83,7 +87,10 @@ pub async fn probe(check: &CheckConfig, address: SocketAddr) -> Result<(), Strin
     };
     match tokio::time::timeout(check.timeout, attempt).await {
         Ok(result) => result,
-        Err(_) => Err(format!("no answer within {}", humantime::format_duration(check.timeout))),
+        Err(_) => Err(format!(
+            "no answer within {}",
+            humantime::format_duration(check.timeout)
+        )),
     }
 }
 
@@ -101,7 +108,10 @@ async fn http_probe(address: SocketAddr, path: &str) -> Result<(), String> {
     });
     let request = Request::get(path)
         .header(hyper::header::HOST, address.to_string())
-        .header(hyper::header::USER_AGENT, concat!("weft-health/", env!("CARGO_PKG_VERSION")))
+        .header(
+            hyper::header::USER_AGENT,
+            concat!("weft-health/", env!("CARGO_PKG_VERSION")),
+        )
         .body(Empty::<bytes::Bytes>::new())
         .map_err(|e| format!("bad check path {path:?}: {e}"))?;
     let response = sender
@@ -135,7 +145,11 @@ async fn exec_probe(argv: &[String]) -> Result<(), String> {
 
 /// The health a service starts with: passing without a check, unknown until its first probe.
 pub fn initial_health(service: &ServiceConfig) -> Health {
-    if service.check.is_some() { Health::Unknown } else { Health::Passing }
+    if service.check.is_some() {
+        Health::Unknown
+    } else {
+        Health::Passing
+    }
 }
 
 #[cfg(test)]
@@ -145,7 +159,11 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn check(kind: CheckKind) -> CheckConfig {
-        CheckConfig { kind, interval: Duration::from_secs(1), timeout: Duration::from_millis(500) }
+        CheckConfig {
+            kind,
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_millis(500),
+        }
     }
 
     async fn http_server(status_line: &'static str) -> SocketAddr {
@@ -166,7 +184,9 @@ mod tests {
     async fn http_check_passes_on_2xx_and_fails_on_5xx() {
         let ok = http_server("HTTP/1.1 204 No Content").await;
         let bad = http_server("HTTP/1.1 503 Service Unavailable").await;
-        let http = check(CheckKind::Http { path: "/healthz".into() });
+        let http = check(CheckKind::Http {
+            path: "/healthz".into(),
+        });
         assert_eq!(probe(&http, ok).await, Ok(()));
         let err = probe(&http, bad).await.unwrap_err();
         assert!(err.contains("503"), "{err}");
@@ -184,16 +204,34 @@ mod tests {
     #[tokio::test]
     async fn exec_check_follows_exit_status_and_times_out() {
         let any: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        let ok = check(CheckKind::Exec { argv: vec!["true".into()] });
-        let fail = check(CheckKind::Exec { argv: vec!["false".into()] });
-        let slow = check(CheckKind::Exec { argv: vec!["sleep".into(), "5".into()] });
+        let ok = check(CheckKind::Exec {
+            argv: vec!["true".into()],
+        });
+        let fail = check(CheckKind::Exec {
+            argv: vec!["false".into()],
+        });
+        let slow = check(CheckKind::Exec {
+            argv: vec!["sleep".into(), "5".into()],
+        });
         assert_eq!(probe(&ok, any).await, Ok(()));
         assert!(probe(&fail, any).await.unwrap_err().contains("exited"));
         let started = std::time::Instant::now();
-        assert!(probe(&slow, any).await.unwrap_err().contains("no answer within"));
+        assert!(
+            probe(&slow, any)
+                .await
+                .unwrap_err()
+                .contains("no answer within")
+        );
         assert!(started.elapsed() < Duration::from_secs(2));
-        let missing = check(CheckKind::Exec { argv: vec!["/nonexistent/check".into()] });
-        assert!(probe(&missing, any).await.unwrap_err().contains("cannot run"));
+        let missing = check(CheckKind::Exec {
+            argv: vec!["/nonexistent/check".into()],
+        });
+        assert!(
+            probe(&missing, any)
+                .await
+                .unwrap_err()
+                .contains("cannot run")
+        );
     }
 
     #[tokio::test]
@@ -206,7 +244,9 @@ mod tests {
                 held.push(stream);
             }
         });
-        let err = probe(&check(CheckKind::Http { path: "/".into() }), addr).await.unwrap_err();
+        let err = probe(&check(CheckKind::Http { path: "/".into() }), addr)
+            .await
+            .unwrap_err();
         assert!(err.contains("no answer within"), "{err}");
     }
 }

@@ -29,7 +29,10 @@ impl AgentMetrics {
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
         let config_reloads = IntCounterVec::new(
-            Opts::new("weft_config_reloads_total", "Config reloads (SIGHUP) by result."),
+            Opts::new(
+                "weft_config_reloads_total",
+                "Config reloads (SIGHUP) by result.",
+            ),
             &["result"],
         )?;
         let health_checks = IntCounterVec::new(
@@ -46,7 +49,10 @@ impl AgentMetrics {
             ),
             &["service"],
         )?;
-        let ready = IntGauge::new("weft_ready", "Whether this agent reports ready (1) or not (0).")?;
+        let ready = IntGauge::new(
+            "weft_ready",
+            "Whether this agent reports ready (1) or not (0).",
+        )?;
         registry.register(Box::new(build_info))?;
         registry.register(Box::new(config_reloads.clone()))?;
         registry.register(Box::new(health_checks.clone()))?;
@@ -80,7 +86,14 @@ impl AgentMetrics {
     pub fn health_check(&self, service: &ServiceKey, health: Health) {
         let service = service.to_string();
         self.health_checks
-            .with_label_values(&[service.as_str(), if health.is_routable() { "passing" } else { "failing" }])
+            .with_label_values(&[
+                service.as_str(),
+                if health.is_routable() {
+                    "passing"
+                } else {
+                    "failing"
+                },
+            ])
             .inc();
         self.service_healthy
             .with_label_values(&[service.as_str()])
@@ -90,9 +103,13 @@ impl AgentMetrics {
     /// Forgets the health series of a service that is no longer configured.
     pub fn forget_service(&self, service: &ServiceKey) {
         let service = service.to_string();
-        let _ = self.service_healthy.remove_label_values(&[service.as_str()]);
+        let _ = self
+            .service_healthy
+            .remove_label_values(&[service.as_str()]);
         for result in ["passing", "failing"] {
-            let _ = self.health_checks.remove_label_values(&[service.as_str(), result]);
+            let _ = self
+                .health_checks
+                .remove_label_values(&[service.as_str(), result]);
         }
     }
 

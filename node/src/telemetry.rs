@@ -40,10 +40,18 @@ pub fn init(level: &str, format: LogFormat) -> LogControl {
     let ansi = std::io::stderr().is_terminal();
     match (format, timestamps) {
         (LogFormat::Json, _) => registry
-            .with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(std::io::stderr),
+            )
             .init(),
         (LogFormat::Text, true) => registry
-            .with(tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(std::io::stderr))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(ansi)
+                    .with_writer(std::io::stderr),
+            )
             .init(),
         (LogFormat::Text, false) => registry
             .with(

@@ -130,6 +130,10 @@ impl KeysReport {
                 a == b
             }
         });
-        KeysReport { local, members, uniform }
+        KeysReport {
+            local,
+            members,
+            uniform,
+        }
     }
 }

@@ -33,7 +33,9 @@ pub struct AdminClient {
 impl AdminClient {
     /// A client for the agent listening on `socket`.
     pub fn new(socket: &Path) -> AdminClient {
-        AdminClient { socket: socket.to_path_buf() }
+        AdminClient {
+            socket: socket.to_path_buf(),
+        }
     }
 
     /// GETs `path` and returns the status and body.

@@ -64,7 +64,11 @@ impl AdminServer {
 
     /// Serves until `shutdown` turns true, then removes the socket file.
     pub async fn serve(self, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
-        let AdminServer { unix, socket_path, http } = self;
+        let AdminServer {
+            unix,
+            socket_path,
+            http,
+        } = self;
         loop {
             tokio::select! {
                 _ = shutdown.wait_for(|stop| *stop) => break,
@@ -132,7 +136,10 @@ fn route(shared: &Shared, surface: Surface, request: &Request<Incoming>) -> Resp
         (_, paths::READY) if shared.is_ready() => text(StatusCode::OK, "ready\n"),
         (_, paths::READY) => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
         (_, paths::METRICS) => Response::builder()
-            .header(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")
+            .header(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )
             .body(Full::new(Bytes::from(shared.metrics.render())))
             .expect("static response parts are valid"),
         (Surface::Socket, paths::MEMBERS) => {
@@ -156,7 +163,10 @@ fn route(shared: &Shared, surface: Surface, request: &Request<Incoming>) -> Resp
         (Surface::Socket, paths::GOSSIP_KEYS) => {
             let catalog = shared.catalog.current();
             let members: Vec<_> = catalog.members.values().cloned().collect();
-            json(&KeysReport::new(shared.keyring.load().fingerprints(), &members))
+            json(&KeysReport::new(
+                shared.keyring.load().fingerprints(),
+                &members,
+            ))
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
@@ -190,7 +200,12 @@ fn status(shared: &Shared) -> StatusReport {
         config: config.path.clone(),
         uptime_secs: shared.started.elapsed().as_secs(),
         ready: shared.is_ready(),
-        members: MemberCounts { alive, suspect, dead, left },
+        members: MemberCounts {
+            alive,
+            suspect,
+            dead,
+            left,
+        },
         keyring: shared.keyring.load().fingerprints(),
         services,
     }

@@ -171,15 +171,24 @@ impl Agent {
         let Some(previous) = self.last_health.get(&result.service).copied() else {
             return; // a result from a check that a reload removed
         };
-        self.shared.metrics.health_check(&result.service, result.health);
+        self.shared
+            .metrics
+            .health_check(&result.service, result.health);
         if previous != result.health {
             match &result.reason {
-                Some(reason) => warn!(service = %result.service, health = %result.health, %reason, "health changed"),
+                Some(reason) => {
+                    warn!(service = %result.service, health = %result.health, %reason, "health changed")
+                }
                 None => info!(service = %result.service, health = %result.health, "health changed"),
             }
-            self.last_health.insert(result.service.clone(), result.health);
+            self.last_health
+                .insert(result.service.clone(), result.health);
         }
-        if let Err(error) = self.membership.set_health(&result.service, result.health).await {
+        if let Err(error) = self
+            .membership
+            .set_health(&result.service, result.health)
+            .await
+        {
             warn!(%error, "dropped a health result");
         }
     }

@@ -55,9 +55,14 @@ impl Agent {
         let keyring_changed = keyring.fingerprints() != self.shared.keyring.load().fingerprints();
         if keyring_changed {
             let fingerprints = keyring.fingerprints();
-            self.shared.metrics.gossip.set_keyring_keys(keyring.keys().len());
+            self.shared
+                .metrics
+                .gossip
+                .set_keyring_keys(keyring.keys().len());
             self.shared.keyring.store(Arc::new(keyring));
-            self.membership.set_keyring_fingerprints(&fingerprints).await;
+            self.membership
+                .set_keyring_fingerprints(&fingerprints)
+                .await;
             info!(keyring = ?fingerprints, "gossip keyring changed");
         }
 
@@ -66,7 +71,12 @@ impl Agent {
         }
         self.shared.config.store(Arc::new(applied));
         self.shared.metrics.config_reload(true);
-        info!(services = changes.services, log_level = changes.log_level, keyring = keyring_changed, "config reloaded");
+        info!(
+            services = changes.services,
+            log_level = changes.log_level,
+            keyring = keyring_changed,
+            "config reloaded"
+        );
     }
 
     /// Publishes the new service set, keeping the last health of services whose definition
@@ -81,7 +91,11 @@ impl Agent {
             };
             next_health.insert(service.key.clone(), health);
         }
-        for old in running.services.iter().filter(|s| !next_health.contains_key(&s.key)) {
+        for old in running
+            .services
+            .iter()
+            .filter(|s| !next_health.contains_key(&s.key))
+        {
             self.shared.metrics.forget_service(&old.key);
         }
         self.last_health = next_health;

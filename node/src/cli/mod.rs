@@ -87,10 +87,16 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::CheckConfig => agent::check_config(&cli.config),
         Command::Demo(args) => crate::demo::run(args),
         Command::Members(read) => read::members(&admin_socket(&cli), *read),
-        Command::Services { name, read } => read::services(&admin_socket(&cli), name.as_deref(), *read),
+        Command::Services { name, read } => {
+            read::services(&admin_socket(&cli), name.as_deref(), *read)
+        }
         Command::Status(read) => read::status(&admin_socket(&cli), *read),
-        Command::Gossip { command: GossipCommand::Keygen } => gossip::keygen(),
-        Command::Gossip { command: GossipCommand::Keys(read) } => gossip::keys(&admin_socket(&cli), *read),
+        Command::Gossip {
+            command: GossipCommand::Keygen,
+        } => gossip::keygen(),
+        Command::Gossip {
+            command: GossipCommand::Keys(read),
+        } => gossip::keys(&admin_socket(&cli), *read),
         Command::Completions { shell } => {
             clap_complete::generate(*shell, &mut Cli::command(), "weft", &mut std::io::stdout());
             Ok(())

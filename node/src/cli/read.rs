@@ -11,8 +11,13 @@ use crate::admin::AdminClient;
 use crate::admin::api::{ServiceEntry, StatusReport, paths};
 
 /// Runs one admin request on a small runtime.
-pub(super) fn fetch<T: serde::de::DeserializeOwned>(socket: &Path, path: &str) -> anyhow::Result<T> {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+pub(super) fn fetch<T: serde::de::DeserializeOwned>(
+    socket: &Path,
+    path: &str,
+) -> anyhow::Result<T> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     Ok(runtime.block_on(AdminClient::new(socket).get_json(path))?)
 }
 
@@ -27,26 +32,47 @@ pub(super) fn members(socket: &Path, read: ReadArgs) -> anyhow::Result<()> {
     if read.json {
         return print_json(&members);
     }
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let rows: Vec<Vec<String>> = members
         .iter()
         .map(|m| {
             let record = m.record.as_ref();
             let or_dash = |s: Option<String>| s.unwrap_or_else(|| "-".into());
             vec![
-                if m.is_self { format!("{} (self)", m.name) } else { m.name.clone() },
+                if m.is_self {
+                    format!("{} (self)", m.name)
+                } else {
+                    m.name.clone()
+                },
                 m.state.as_str().to_string(),
                 or_dash(record.map(|r| r.gossip_addr.to_string())),
                 or_dash(record.map(|r| r.tunnel_addr.to_string())),
                 or_dash(record.map(|r| table::age(now.saturating_sub(r.started_at)))),
                 or_dash(record.map(|r| r.version.clone())),
-                or_dash(record.map(|r| r.labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","))
-                    .filter(|s| !s.is_empty())),
+                or_dash(
+                    record
+                        .map(|r| {
+                            r.labels
+                                .iter()
+                                .map(|(k, v)| format!("{k}={v}"))
+                                .collect::<Vec<_>>()
+                                .join(",")
+                        })
+                        .filter(|s| !s.is_empty()),
+                ),
                 or_dash(record.map(|r| r.roles.join(",")).filter(|s| !s.is_empty())),
             ]
         })
         .collect();
-    table::print(&["NAME", "STATE", "GOSSIP", "TUNNEL", "AGE", "VERSION", "LABELS", "ROLES"], &rows);
+    table::print(
+        &[
+            "NAME", "STATE", "GOSSIP", "TUNNEL", "AGE", "VERSION", "LABELS", "ROLES",
+        ],
+        &rows,
+    );
     Ok(())
 }
 
@@ -77,7 +103,12 @@ pub(super) fn services(socket: &Path, name: Option<&str>, read: ReadArgs) -> any
             })
         })
         .collect();
-    table::print(&["SERVICE", "NODE", "TUNNEL", "PORT", "PROTOCOL", "HEALTH", "WEIGHT"], &rows);
+    table::print(
+        &[
+            "SERVICE", "NODE", "TUNNEL", "PORT", "PROTOCOL", "HEALTH", "WEIGHT",
+        ],
+        &rows,
+    );
     Ok(())
 }
 
@@ -89,20 +120,35 @@ pub(super) fn status(socket: &Path, read: ReadArgs) -> anyhow::Result<()> {
     let m = status.members;
     println!("node:          {}", status.node);
     println!("trust domain:  {}", status.trust_domain);
-    println!("version:       {} (generation {})", status.version, status.generation);
+    println!(
+        "version:       {} (generation {})",
+        status.version, status.generation
+    );
     println!("ready:         {}", if status.ready { "yes" } else { "no" });
     println!("uptime:        {}", table::age(status.uptime_secs));
     println!("config:        {}", status.config.display());
     println!("gossip:        {}", status.gossip_addr);
     println!("tunnel:        {}", status.tunnel_addr);
-    println!("members:       {} alive, {} suspect, {} dead, {} left", m.alive, m.suspect, m.dead, m.left);
-    println!("gossip keys:   {} (primary {})", status.keyring.len(), status.keyring.first().map(String::as_str).unwrap_or("-"));
+    println!(
+        "members:       {} alive, {} suspect, {} dead, {} left",
+        m.alive, m.suspect, m.dead, m.left
+    );
+    println!(
+        "gossip keys:   {} (primary {})",
+        status.keyring.len(),
+        status.keyring.first().map(String::as_str).unwrap_or("-")
+    );
     if status.services.is_empty() {
         println!("services:      none");
     } else {
         println!("services:");
         for s in &status.services {
-            println!("  {:<24} {:<22} {}", s.service.to_string(), s.address, s.health);
+            println!(
+                "  {:<24} {:<22} {}",
+                s.service.to_string(),
+                s.address,
+                s.health
+            );
         }
     }
     Ok(())

@@ -15,8 +15,8 @@ use serde::Deserialize;
 use weft_ca::TrustDomain;
 use weft_discovery::{Protocol, ServiceKey};
 
-pub use source::{ConfigError, KeyPath};
 use source::Source;
+pub use source::{ConfigError, KeyPath};
 
 /// Where the agent reads its config unless told otherwise.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/weft/weft.toml";
@@ -437,9 +437,9 @@ fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error
 
 /// Node names and service names become SPIFFE path segments and DNS-like labels.
 fn check_name(what: &str, name: &str) -> Result<(), String> {
-    let valid_chars = name
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_' || b == b'.');
+    let valid_chars = name.bytes().all(|b| {
+        b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_' || b == b'.'
+    });
     if name.is_empty() || name.len() > 63 {
         Err(format!("{what} {name:?} must be 1 to 63 characters"))
     } else if !valid_chars {
@@ -486,20 +486,27 @@ impl RawConfig {
             Some(name) => name,
             None => gethostname::gethostname()
                 .into_string()
-                .map_err(|_| source.error_at(KeyPath::parse("node"), "the hostname is not UTF-8; set node.name"))?
+                .map_err(|_| {
+                    source.error_at(
+                        KeyPath::parse("node"),
+                        "the hostname is not UTF-8; set node.name",
+                    )
+                })?
                 .to_lowercase(),
         };
-        check_name("node name", &name).map_err(|m| source.error_at(KeyPath::parse("node.name"), m))?;
+        check_name("node name", &name)
+            .map_err(|m| source.error_at(KeyPath::parse("node.name"), m))?;
         for label in self.node.labels.keys() {
             check_name("label", label)
                 .map_err(|m| source.error_at(KeyPath::parse(&format!("node.labels.{label}")), m))?;
         }
 
-        let gossip_advertise = advertise_for(source, "gossip", self.gossip.bind, self.gossip.advertise)?;
+        let gossip_advertise =
+            advertise_for(source, "gossip", self.gossip.bind, self.gossip.advertise)?;
         for (i, seed) in self.gossip.seeds.iter().enumerate() {
-            let valid = seed
-                .rsplit_once(':')
-                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0));
+            let valid = seed.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0)
+            });
             if !valid {
                 return Err(source.error_at(
                     KeyPath::parse(&format!("gossip.seeds.{i}")),
@@ -507,8 +514,13 @@ impl RawConfig {
                 ));
             }
         }
-        if self.gossip.interval < Duration::from_millis(10) || self.gossip.interval > Duration::from_secs(60) {
-            return Err(source.error_at(KeyPath::parse("gossip.interval"), "must be between 10ms and 60s"));
+        if self.gossip.interval < Duration::from_millis(10)
+            || self.gossip.interval > Duration::from_secs(60)
+        {
+            return Err(source.error_at(
+                KeyPath::parse("gossip.interval"),
+                "must be between 10ms and 60s",
+            ));
         }
         if self.gossip.dead_grace < self.gossip.interval * 4 {
             return Err(source.error_at(
@@ -517,14 +529,26 @@ impl RawConfig {
             ));
         }
         if !(1200..=65_507).contains(&self.gossip.max_datagram) {
-            return Err(source.error_at(KeyPath::parse("gossip.max_datagram"), "must be between 1200 and 65507 bytes"));
+            return Err(source.error_at(
+                KeyPath::parse("gossip.max_datagram"),
+                "must be between 1200 and 65507 bytes",
+            ));
         }
-        let tunnel_advertise = advertise_for(source, "tunnel", self.tunnel.bind, self.tunnel.advertise)?;
+        let tunnel_advertise =
+            advertise_for(source, "tunnel", self.tunnel.bind, self.tunnel.advertise)?;
 
-        if self.log.level.parse::<tracing_subscriber::EnvFilter>().is_err() {
+        if self
+            .log
+            .level
+            .parse::<tracing_subscriber::EnvFilter>()
+            .is_err()
+        {
             return Err(source.error_at(
                 KeyPath::parse("log.level"),
-                format!("{:?} is not a log filter (e.g. \"info\" or \"weft=debug,info\")", self.log.level),
+                format!(
+                    "{:?} is not a log filter (e.g. \"info\" or \"weft=debug,info\")",
+                    self.log.level
+                ),
             ));
         }
 
@@ -533,7 +557,8 @@ impl RawConfig {
         for (i, raw) in self.service.into_iter().enumerate() {
             let at = |field: &str| KeyPath::parse(&format!("service.{i}.{field}"));
             check_name("service name", &raw.name).map_err(|m| source.error_at(at("name"), m))?;
-            check_name("namespace", &raw.namespace).map_err(|m| source.error_at(at("namespace"), m))?;
+            check_name("namespace", &raw.namespace)
+                .map_err(|m| source.error_at(at("namespace"), m))?;
             if raw.port == 0 {
                 return Err(source.error_at(at("port"), "must be 1 to 65535"));
             }
@@ -598,17 +623,26 @@ impl RawCheck {
         let kind = match (self.http, self.tcp, self.exec) {
             (Some(path), None, None) => {
                 if !path.starts_with('/') {
-                    return Err(source.error_at(field("http"), format!("{path:?} must be a path starting with '/'")));
+                    return Err(source.error_at(
+                        field("http"),
+                        format!("{path:?} must be a path starting with '/'"),
+                    ));
                 }
                 CheckKind::Http { path }
             }
             (None, Some(true), None) => CheckKind::Tcp,
             (None, Some(false), None) => {
-                return Err(source.error_at(field("tcp"), "`tcp = false` is not a check; remove the check instead"));
+                return Err(source.error_at(
+                    field("tcp"),
+                    "`tcp = false` is not a check; remove the check instead",
+                ));
             }
             (None, None, Some(argv)) => {
                 if argv.is_empty() || argv[0].is_empty() {
-                    return Err(source.error_at(field("exec"), "needs a program, e.g. [\"/usr/bin/check\", \"arg\"]"));
+                    return Err(source.error_at(
+                        field("exec"),
+                        "needs a program, e.g. [\"/usr/bin/check\", \"arg\"]",
+                    ));
                 }
                 CheckKind::Exec { argv }
             }
@@ -620,10 +654,16 @@ impl RawCheck {
             }
         };
         if self.timeout.is_zero() || self.interval.is_zero() {
-            return Err(source.error_at(field("interval"), "interval and timeout must be greater than zero"));
+            return Err(source.error_at(
+                field("interval"),
+                "interval and timeout must be greater than zero",
+            ));
         }
         if self.timeout > self.interval {
-            return Err(source.error_at(field("timeout"), "must not be longer than the check interval"));
+            return Err(source.error_at(
+                field("timeout"),
+                "must not be longer than the check interval",
+            ));
         }
         Ok(CheckConfig {
             kind,

@@ -81,7 +81,11 @@ impl<'a> Source<'a> {
     /// 1-based line of a byte offset.
     pub fn line_of_offset(&self, offset: usize) -> usize {
         let end = offset.min(self.text.len());
-        self.text.as_bytes()[..end].iter().filter(|b| **b == b'\n').count() + 1
+        self.text.as_bytes()[..end]
+            .iter()
+            .filter(|b| **b == b'\n')
+            .count()
+            + 1
     }
 
     /// Line where `key` is written (its value, or the nearest existing parent).
@@ -154,7 +158,10 @@ mod tests {
 
     #[test]
     fn key_paths_render_like_toml_users_write_them() {
-        assert_eq!(KeyPath::parse("service.1.check.interval").to_string(), "service[1].check.interval");
+        assert_eq!(
+            KeyPath::parse("service.1.check.interval").to_string(),
+            "service[1].check.interval"
+        );
         assert_eq!(KeyPath::parse("gossip.bind").to_string(), "gossip.bind");
     }
 
@@ -165,7 +172,10 @@ mod tests {
         assert_eq!(source.line_of(&KeyPath::parse("node.name")), Some(2));
         assert_eq!(source.line_of(&KeyPath::parse("service.1.port")), Some(9));
         // A missing key is located at its nearest parent.
-        assert_eq!(source.line_of(&KeyPath::parse("service.1.missing")), Some(7));
+        assert_eq!(
+            source.line_of(&KeyPath::parse("service.1.missing")),
+            Some(7)
+        );
         assert_eq!(source.line_of(&KeyPath::parse("nothing")), None);
     }
 }

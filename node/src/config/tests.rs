@@ -57,20 +57,31 @@ fn the_spec_example_parses_into_typed_values() {
     assert_eq!(
         api.check,
         Some(CheckConfig {
-            kind: CheckKind::Http { path: "/healthz".into() },
+            kind: CheckKind::Http {
+                path: "/healthz".into()
+            },
             interval: Duration::from_secs(5),
             timeout: Duration::from_secs(1),
         })
     );
     assert_eq!(config.services[1].protocol, Protocol::Tcp);
-    assert_eq!(config.services[1].check.as_ref().unwrap().kind, CheckKind::Tcp);
+    assert_eq!(
+        config.services[1].check.as_ref().unwrap().kind,
+        CheckKind::Tcp
+    );
 }
 
 #[test]
 fn unknown_key_names_file_line_and_key() {
-    let text = GOOD.replace("data_dir = \"/var/lib/weft\"", "data_dri = \"/var/lib/weft\"");
+    let text = GOOD.replace(
+        "data_dir = \"/var/lib/weft\"",
+        "data_dri = \"/var/lib/weft\"",
+    );
     let msg = error(&text);
-    assert!(msg.starts_with("/etc/weft/weft.toml:5: node.data_dri: "), "{msg}");
+    assert!(
+        msg.starts_with("/etc/weft/weft.toml:5: node.data_dri: "),
+        "{msg}"
+    );
     assert!(msg.contains("unknown field `data_dri`"), "{msg}");
     assert_eq!(msg.lines().count(), 1, "{msg}");
 }
@@ -85,29 +96,50 @@ fn unknown_section_is_refused() {
 #[test]
 fn wrong_type_names_file_line_and_key() {
     let msg = error(&GOOD.replace("port = 8080", "port = \"8080\""));
-    assert!(msg.starts_with("/etc/weft/weft.toml:25: service[0].port: "), "{msg}");
+    assert!(
+        msg.starts_with("/etc/weft/weft.toml:25: service[0].port: "),
+        "{msg}"
+    );
     assert!(msg.contains("invalid type"), "{msg}");
 }
 
 #[test]
 fn bad_address_names_file_line_and_key() {
-    let msg = error(&GOOD.replace("advertise = \"198.18.0.11:7401\"", "advertise = \"198.18.0.300:7401\""));
-    assert!(msg.starts_with("/etc/weft/weft.toml:10: gossip.advertise: "), "{msg}");
-    assert!(msg.contains("\"198.18.0.300:7401\" is not an IP:PORT socket address"), "{msg}");
+    let msg = error(&GOOD.replace(
+        "advertise = \"198.18.0.11:7401\"",
+        "advertise = \"198.18.0.300:7401\"",
+    ));
+    assert!(
+        msg.starts_with("/etc/weft/weft.toml:10: gossip.advertise: "),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("\"198.18.0.300:7401\" is not an IP:PORT socket address"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn duplicate_service_names_the_second_definition() {
     let text = format!("{GOOD}\n[[service]]\nname = \"api\"\nport = 9090\n");
     let msg = error(&text);
-    assert!(msg.starts_with("/etc/weft/weft.toml:35: service[2].name: "), "{msg}");
-    assert!(msg.contains("service default/api is defined twice"), "{msg}");
+    assert!(
+        msg.starts_with("/etc/weft/weft.toml:35: service[2].name: "),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("service default/api is defined twice"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn wildcard_bind_without_advertise_is_refused() {
     let msg = error(&GOOD.replace("advertise = \"198.18.0.11:7402\"\n", ""));
-    assert!(msg.starts_with("/etc/weft/weft.toml:15: tunnel.bind: "), "{msg}");
+    assert!(
+        msg.starts_with("/etc/weft/weft.toml:15: tunnel.bind: "),
+        "{msg}"
+    );
     assert!(msg.contains("tunnel.advertise must say"), "{msg}");
 }
 
@@ -116,47 +148,82 @@ fn specific_bind_is_advertised_by_default() {
     let text = GOOD
         .replace("bind = \"0.0.0.0:7402\"", "bind = \"198.18.0.11:7402\"")
         .replace("advertise = \"198.18.0.11:7402\"\n", "");
-    assert_eq!(parse(&text).unwrap().tunnel.advertise, "198.18.0.11:7402".parse().unwrap());
+    assert_eq!(
+        parse(&text).unwrap().tunnel.advertise,
+        "198.18.0.11:7402".parse().unwrap()
+    );
 }
 
 #[test]
 fn bad_trust_domain_is_refused_with_its_key() {
     let msg = error(&GOOD.replace("prod.example.com", "Prod.Example.com"));
-    assert!(msg.starts_with("/etc/weft/weft.toml:4: node.trust_domain: "), "{msg}");
+    assert!(
+        msg.starts_with("/etc/weft/weft.toml:4: node.trust_domain: "),
+        "{msg}"
+    );
 }
 
 #[test]
 fn bad_duration_and_bad_check_are_refused() {
     let msg = error(&GOOD.replace("interval = \"5s\"", "interval = \"5 parsecs\""));
-    assert!(msg.starts_with("/etc/weft/weft.toml:27: service[0].check.interval: "), "{msg}");
+    assert!(
+        msg.starts_with("/etc/weft/weft.toml:27: service[0].check.interval: "),
+        "{msg}"
+    );
     assert!(msg.contains("is not a duration"), "{msg}");
-    let msg = error(&GOOD.replace("check = { tcp = true }", "check = { tcp = true, http = \"/x\" }"));
-    assert!(msg.contains("service[1].check: a check needs exactly one of"), "{msg}");
+    let msg = error(&GOOD.replace(
+        "check = { tcp = true }",
+        "check = { tcp = true, http = \"/x\" }",
+    ));
+    assert!(
+        msg.contains("service[1].check: a check needs exactly one of"),
+        "{msg}"
+    );
     let msg = error(&GOOD.replace("timeout = \"1s\"", "timeout = \"10s\""));
-    assert!(msg.contains("service[0].check.timeout: must not be longer"), "{msg}");
+    assert!(
+        msg.contains("service[0].check.timeout: must not be longer"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn bad_names_seeds_and_protocols_are_refused() {
     let msg = error(&GOOD.replace("name = \"api\"", "name = \"API!\""));
-    assert!(msg.contains("service[0].name: service name \"API!\" may contain only"), "{msg}");
+    assert!(
+        msg.contains("service[0].name: service name \"API!\" may contain only"),
+        "{msg}"
+    );
     let msg = error(&GOOD.replace("\"seed.example.com:7401\"", "\"seed.example.com\""));
-    assert!(msg.starts_with("/etc/weft/weft.toml:11: gossip.seeds[1]: "), "{msg}");
+    assert!(
+        msg.starts_with("/etc/weft/weft.toml:11: gossip.seeds[1]: "),
+        "{msg}"
+    );
     let msg = error(&GOOD.replace("protocol = \"http\"", "protocol = \"smtp\""));
-    assert!(msg.contains("service[0].protocol: unknown variant `smtp`"), "{msg}");
+    assert!(
+        msg.contains("service[0].protocol: unknown variant `smtp`"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn syntax_errors_name_the_line() {
     let msg = error("[node]\nname = \"a\"\ntrust_domain = \n");
-    assert!(msg.starts_with("/etc/weft/weft.toml:3: invalid TOML: "), "{msg}");
+    assert!(
+        msg.starts_with("/etc/weft/weft.toml:3: invalid TOML: "),
+        "{msg}"
+    );
     assert_eq!(msg.lines().count(), 1);
 }
 
 #[test]
 fn missing_file_is_a_clear_error() {
-    let msg = Config::load(Path::new("/nonexistent/weft.toml")).unwrap_err().to_string();
-    assert!(msg.starts_with("/nonexistent/weft.toml: cannot read config: "), "{msg}");
+    let msg = Config::load(Path::new("/nonexistent/weft.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.starts_with("/nonexistent/weft.toml: cannot read config: "),
+        "{msg}"
+    );
 }
 
 #[test]

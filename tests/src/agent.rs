@@ -1,0 +1,475 @@
+//! Real `weft agent` processes for integration tests: config files in a temp dir, spawn,
+//! signals by PID, and reads through the real CLI (`weft members --json`) and the real
+//! `/metrics` endpoint.
+//!
+//! Every process started here is killed by PID when its [`TestAgent`] is dropped, so a failing
+//! test leaves nothing running.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::Value;
+
+/// The `weft` binary under test: `$WEFT_BIN`, else `target/<profile>/weft` next to this test.
+pub fn weft_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("WEFT_BIN") {
+        return PathBuf::from(bin);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("tests run from target/<profile>/deps");
+    let bin = profile_dir.join("weft");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first with `cargo build --bin weft` (tests/run.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A free loopback port for both TCP and UDP (best effort: bound, then released).
+pub fn free_port() -> u16 {
+    loop {
+        let udp = UdpSocket::bind("127.0.0.1:0").expect("bind udp");
+        let port = udp.local_addr().expect("local addr").port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// Writes a fresh random gossip keyring file (mode 0600) and returns its path.
+pub fn write_keyring(dir: &Path, file: &str, keys: &[String]) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(file);
+    std::fs::write(&path, keys.join("\n") + "\n").expect("write keyring");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod keyring");
+    path
+}
+
+/// A new gossip key from the real CLI.
+pub fn gossip_keygen() -> String {
+    let out = Command::new(weft_bin())
+        .args(["gossip", "keygen"])
+        .output()
+        .expect("run weft gossip keygen");
+    assert!(out.status.success());
+    String::from_utf8(out.stdout)
+        .expect("utf-8")
+        .trim()
+        .to_string()
+}
+
+/// How to configure one test agent.
+#[derive(Debug, Clone)]
+pub struct AgentSpec {
+    /// Node name.
+    pub name: String,
+    /// IP to bind and advertise.
+    pub ip: String,
+    /// Gossip port.
+    pub gossip_port: u16,
+    /// Tunnel port.
+    pub tunnel_port: u16,
+    /// Admin HTTP port.
+    pub http_port: u16,
+    /// Seeds (`ip:port`).
+    pub seeds: Vec<String>,
+    /// Keyring file.
+    pub keyring: PathBuf,
+    /// Gossip interval, e.g. `"500ms"`.
+    pub interval: String,
+    /// Dead-member grace period, e.g. `"1h"`.
+    pub dead_grace: String,
+    /// Extra TOML appended verbatim (e.g. `[[service]]` tables).
+    pub extra: String,
+}
+
+impl AgentSpec {
+    /// A loopback agent with free ports, default timings and no services.
+    pub fn loopback(name: &str, keyring: &Path) -> AgentSpec {
+        AgentSpec {
+            name: name.into(),
+            ip: "127.0.0.1".into(),
+            gossip_port: free_port(),
+            tunnel_port: free_port(),
+            http_port: free_port(),
+            seeds: Vec::new(),
+            keyring: keyring.to_path_buf(),
+            interval: "500ms".into(),
+            dead_grace: "1h".into(),
+            extra: String::new(),
+        }
+    }
+
+    /// The gossip address as `ip:port`.
+    pub fn gossip_addr(&self) -> String {
+        format!("{}:{}", self.ip, self.gossip_port)
+    }
+
+    /// The config file text.
+    pub fn config_text(&self, dir: &Path) -> String {
+        let seeds: Vec<String> = self.seeds.iter().map(|s| format!("\"{s}\"")).collect();
+        format!(
+            "[node]\nname = \"{name}\"\ntrust_domain = \"test.weft\"\ndata_dir = \"{dir}/{name}-data\"\n\n\
+             [gossip]\nbind = \"{ip}:{gp}\"\nseeds = [{seeds}]\nkeyring = \"{keyring}\"\ninterval = \"{interval}\"\ndead_grace = \"{grace}\"\n\n\
+             [tunnel]\nbind = \"{ip}:{tp}\"\n\n[admin]\nsocket = \"{dir}/{name}.sock\"\nhttp = \"127.0.0.1:{hp}\"\n\n\
+             [log]\nlevel = \"info,weft_discovery=debug\"\n\n{extra}",
+            name = self.name,
+            dir = dir.display(),
+            ip = self.ip,
+            gp = self.gossip_port,
+            tp = self.tunnel_port,
+            hp = self.http_port,
+            seeds = seeds.join(", "),
+            keyring = self.keyring.display(),
+            interval = self.interval,
+            grace = self.dead_grace,
+            extra = self.extra,
+        )
+    }
+}
+
+/// One `weft agent` process.
+pub struct TestAgent {
+    /// Its configuration.
+    pub spec: AgentSpec,
+    /// Directory holding its config, socket and log.
+    pub dir: PathBuf,
+    child: Option<Child>,
+    wrapper: Vec<String>,
+}
+
+impl TestAgent {
+    /// Writes the config and starts the agent (optionally under a wrapper such as
+    /// `ip netns exec NS`).
+    pub fn start(spec: AgentSpec, dir: &Path, wrapper: &[&str]) -> anyhow::Result<TestAgent> {
+        let mut agent = TestAgent {
+            spec,
+            dir: dir.to_path_buf(),
+            child: None,
+            wrapper: wrapper.iter().map(|s| s.to_string()).collect(),
+        };
+        agent.write_config(&agent.spec.config_text(dir))?;
+        agent.spawn()?;
+        Ok(agent)
+    }
+
+    /// Path of its config file.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join(format!("{}.toml", self.spec.name))
+    }
+
+    /// Path of its admin socket.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join(format!("{}.sock", self.spec.name))
+    }
+
+    /// Replaces its config file (apply with [`TestAgent::sighup`]).
+    pub fn write_config(&self, text: &str) -> anyhow::Result<()> {
+        std::fs::write(self.config_path(), text).context("write config")
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("{}.log", self.spec.name)))?;
+        let mut argv: Vec<String> = self.wrapper.clone();
+        argv.push(weft_bin().display().to_string());
+        argv.extend([
+            "agent".into(),
+            "-c".into(),
+            self.config_path().display().to_string(),
+        ]);
+        let child = Command::new(&argv[0])
+            .args(&argv[1..])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("spawn {argv:?}"))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    fn signal(&self, signal: i32) {
+        if let Some(pid) = self.pid() {
+            // SAFETY: kill(2) on a PID we spawned and have not reaped yet.
+            unsafe { libc::kill(pid as i32, signal) };
+        }
+    }
+
+    /// `kill -9`, then reaps it.
+    pub fn kill9(&mut self) {
+        self.signal(libc::SIGKILL);
+        if let Some(mut child) = self.child.take() {
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM (graceful leave) without waiting.
+    pub fn sigterm(&self) {
+        self.signal(libc::SIGTERM);
+    }
+
+    /// Waits up to `timeout` for the process to exit; returns its exit status code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<Option<i32>> {
+        let deadline = Instant::now() + timeout;
+        let Some(child) = self.child.as_mut() else {
+            bail!("not running")
+        };
+        loop {
+            if let Some(status) = child.try_wait()? {
+                self.child = None;
+                return Ok(status.code());
+            }
+            if Instant::now() > deadline {
+                bail!("{} did not exit within {timeout:?}", self.spec.name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGHUP (reload).
+    pub fn sighup(&self) {
+        self.signal(libc::SIGHUP);
+    }
+
+    /// Starts it again with the same config (a new generation).
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        if self.child.is_some() {
+            self.kill9();
+        }
+        self.spawn()
+    }
+
+    /// The agent's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{}.log", self.spec.name)))
+            .unwrap_or_default()
+    }
+
+    /// Runs a read command of the real CLI with `--json` against this agent.
+    pub fn cli_json(&self, args: &[&str]) -> anyhow::Result<Value> {
+        let out = Command::new(weft_bin())
+            .args(args)
+            .arg("--json")
+            .arg("--socket")
+            .arg(self.socket())
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "weft {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// Member name → state, as this agent sees them.
+    pub fn member_states(&self) -> anyhow::Result<Vec<(String, String)>> {
+        let members = self.cli_json(&["members"])?;
+        Ok(members
+            .as_array()
+            .context("members is a list")?
+            .iter()
+            .map(|m| {
+                (
+                    m["name"].as_str().unwrap_or("").to_string(),
+                    m["state"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect())
+    }
+
+    /// State of member `name` as this agent sees it (`None` if not listed).
+    pub fn state_of(&self, name: &str) -> Option<String> {
+        self.member_states()
+            .ok()?
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, s)| s)
+    }
+
+    /// `(node, health)` of every endpoint of `service` (`namespace/name`) in this agent's catalog.
+    pub fn endpoints(&self, service: &str) -> Vec<(String, String)> {
+        let Ok(services) = self.cli_json(&["services"]) else {
+            return Vec::new();
+        };
+        services
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|s| {
+                format!(
+                    "{}/{}",
+                    s["service"]["namespace"].as_str().unwrap_or(""),
+                    s["service"]["name"].as_str().unwrap_or("")
+                ) == service
+            })
+            .flat_map(|s| s["endpoints"].as_array().cloned().unwrap_or_default())
+            .map(|e| {
+                (
+                    e["node"].as_str().unwrap_or("").to_string(),
+                    e["health"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect()
+    }
+
+    /// `GET` on the admin HTTP listener; returns status code and body.
+    pub fn http_get(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        http_get(
+            SocketAddr::from(([127, 0, 0, 1], self.spec.http_port)),
+            path,
+        )
+    }
+
+    /// The Prometheus text of this agent.
+    pub fn metrics(&self) -> anyhow::Result<String> {
+        let (status, body) = self.http_get("/metrics")?;
+        if status != 200 {
+            bail!("/metrics answered {status}");
+        }
+        Ok(body)
+    }
+
+    /// The value of one sample, e.g. `weft_gossip_packets_total{direction="in",outcome="ok"}`.
+    pub fn metric(&self, sample: &str) -> f64 {
+        self.metrics()
+            .ok()
+            .and_then(|text| sample_value(&text, sample))
+            .unwrap_or(0.0)
+    }
+}
+
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// The value of `sample` (name plus exact label set as printed) in Prometheus text.
+pub fn sample_value(text: &str, sample: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        line.strip_prefix(sample)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// A minimal HTTP/1.0 GET over TCP, for probing admin endpoints.
+pub fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("no HTTP status line")?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// Polls `check` every 25 ms until it holds or `timeout` passes; returns the time it took.
+pub fn wait_until(timeout: Duration, mut check: impl FnMut() -> bool) -> Option<Duration> {
+    let started = Instant::now();
+    loop {
+        if check() {
+            return Some(started.elapsed());
+        }
+        if started.elapsed() > timeout {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// A group of agents sharing one temp dir and keyring.
+pub struct Cluster {
+    /// The agents, in start order.
+    pub agents: Vec<TestAgent>,
+    /// The shared keyring file.
+    pub keyring: PathBuf,
+    /// The keys in the keyring, primary first.
+    pub keys: Vec<String>,
+    dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// Starts `n` loopback agents named `a1..aN`, all seeded with `a1`. `tune` may adjust each
+    /// spec (services, timings) before start.
+    pub fn start(n: usize, mut tune: impl FnMut(&mut AgentSpec)) -> anyhow::Result<Cluster> {
+        let dir = tempfile::Builder::new().prefix("weft-test-").tempdir()?;
+        let keys = vec![gossip_keygen()];
+        let keyring = write_keyring(dir.path(), "gossip.keys", &keys);
+        let mut specs: Vec<AgentSpec> = (1..=n)
+            .map(|i| AgentSpec::loopback(&format!("a{i}"), &keyring))
+            .collect();
+        let seed = specs[0].gossip_addr();
+        for spec in &mut specs {
+            spec.seeds = vec![seed.clone()];
+            tune(spec);
+        }
+        let agents = specs
+            .into_iter()
+            .map(|spec| TestAgent::start(spec, dir.path(), &[]))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Cluster {
+            agents,
+            keyring,
+            keys,
+            dir,
+        })
+    }
+
+    /// The shared directory.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Whether every agent in `observers` sees exactly the agents named in `expected` alive.
+    pub fn all_see_alive(&self, observers: &[usize], expected: &[&str]) -> bool {
+        observers.iter().all(|&i| {
+            self.agents[i].member_states().is_ok_and(|states| {
+                expected
+                    .iter()
+                    .all(|name| states.iter().any(|(n, s)| n == name && s == "alive"))
+            })
+        })
+    }
+
+    /// Names of all agents.
+    pub fn names(&self) -> Vec<String> {
+        self.agents.iter().map(|a| a.spec.name.clone()).collect()
+    }
+
+    /// Logs of every agent, for failure messages.
+    pub fn logs(&self) -> String {
+        self.agents
+            .iter()
+            .map(|a| format!("----- {} -----\n{}", a.spec.name, a.log()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
