@@ -142,7 +142,10 @@ impl Catalog {
                 .key_values
                 .get(crate::record::NODE_KEY)
                 .and_then(|v| crate::record::decode(v));
-            let left = node.key_values.get(crate::record::STATE_KEY).map(String::as_str)
+            let left = node
+                .key_values
+                .get(crate::record::STATE_KEY)
+                .map(String::as_str)
                 == Some(crate::record::STATE_LEFT);
             let state = if left {
                 MemberState::Left
@@ -156,7 +159,12 @@ impl Catalog {
             let keyring = node
                 .key_values
                 .get(crate::record::KEYRING_KEY)
-                .map(|v| v.split(',').filter(|s| !s.is_empty()).map(String::from).collect())
+                .map(|v| {
+                    v.split(',')
+                        .filter(|s| !s.is_empty())
+                        .map(String::from)
+                        .collect()
+                })
                 .unwrap_or_default();
 
             if let (Some(record), true) = (&record, state.is_routable()) {
@@ -322,7 +330,10 @@ mod tests {
         assert_eq!(catalog.members.len(), 1);
         let member = &catalog.members["web-1"];
         assert_eq!((member.generation, member.state), (2, MemberState::Alive));
-        assert_eq!(catalog.endpoints(&ServiceKey::new("default", "api")).len(), 1);
+        assert_eq!(
+            catalog.endpoints(&ServiceKey::new("default", "api")).len(),
+            1
+        );
     }
 
     #[test]
@@ -373,7 +384,8 @@ mod tests {
     #[test]
     fn garbage_records_are_ignored() {
         let mut n = node("a", 1, true);
-        n.key_values.insert("svc:default/api".into(), "{garbage".into());
+        n.key_values
+            .insert("svc:default/api".into(), "{garbage".into());
         n.key_values.insert("svc:nonamespace".into(), "{}".into());
         let catalog = Catalog::build([n]);
         assert!(catalog.services.is_empty());

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use chitchat::{
-    ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, Heartbeat, ProtocolVersion,
+    ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, ProtocolVersion,
     spawn_chitchat,
 };
 use tokio::sync::watch;
@@ -159,7 +159,10 @@ impl Membership {
     /// last known health of a kept service is preserved unless `services` says otherwise.
     pub async fn set_services(&self, services: BTreeMap<ServiceKey, ServiceRecord>) {
         let (removed, changed) = {
-            let mut local = self.local.lock().expect("local state lock is never poisoned");
+            let mut local = self
+                .local
+                .lock()
+                .expect("local state lock is never poisoned");
             let removed: Vec<ServiceKey> = local
                 .services
                 .keys()
@@ -183,9 +186,16 @@ impl Membership {
     }
 
     /// Publishes a new health result for one local service.
-    pub async fn set_health(&self, service: &ServiceKey, health: Health) -> Result<(), DiscoveryError> {
+    pub async fn set_health(
+        &self,
+        service: &ServiceKey,
+        health: Health,
+    ) -> Result<(), DiscoveryError> {
         let encoded = {
-            let mut local = self.local.lock().expect("local state lock is never poisoned");
+            let mut local = self
+                .local
+                .lock()
+                .expect("local state lock is never poisoned");
             let instance = local
                 .services
                 .get_mut(service)
@@ -280,43 +290,72 @@ fn snapshot(
     let me = chitchat.self_chitchat_id();
     let live: std::collections::HashSet<&ChitchatId> = chitchat.live_nodes().collect();
     let now = Instant::now();
-    let snapshots: Vec<NodeSnapshot> = chitchat
-        .node_states()
-        .iter()
-        .map(|(id, state)| {
-            let is_self = id == me;
-            let quiet_for = heartbeats.observe(id, state.heartbeat(), now);
-            let late_after = chitchat
-                .failure_detection_timeout(id)
-                .map(|timeout| timeout / 2)
-                .unwrap_or(interval * 4)
-                .max(interval * 2);
-            NodeSnapshot {
-                name: id.node_id.to_string(),
-                generation: id.generation_id,
-                live: is_self || live.contains(id),
-                late: !is_self && quiet_for > late_after,
-                is_self,
-                key_values: state
-                    .key_values()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-            }
-        })
-        .collect();
+    let mut snapshots = Vec::with_capacity(chitchat.node_states().len());
+    for (id, state) in chitchat.node_states() {
+        let is_self = id == me;
+        let is_live = is_self || live.contains(id);
+        if heartbeats.is_joining(id, is_live, now, interval) {
+            continue;
+        }
+        let quiet_for = heartbeats.observe(id, u64::from(state.heartbeat()), now);
+        let late_after = chitchat
+            .failure_detection_timeout(id)
+            .map(|timeout| timeout / 2)
+            .unwrap_or(interval * 4)
+            .max(interval * 2);
+        snapshots.push(NodeSnapshot {
+            name: id.node_id.to_string(),
+            generation: id.generation_id,
+            live: is_live,
+            late: !is_self && quiet_for > late_after,
+            is_self,
+            key_values: state
+                .key_values()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        });
+    }
     heartbeats.retain(|id| chitchat.node_states().contains_key(id));
     snapshots
 }
 
-/// Remembers when each node's heartbeat last moved, to tell late (suspect) members.
+/// How many gossip rounds a newly heard-of node may take to become live before it is listed
+/// as dead. chitchat's failure detector calls a node dead until it has heartbeat samples,
+/// which takes 2 to 3 rounds; showing a joining member as dead would mislead.
+const JOIN_ROUNDS: u32 = 5;
+
+/// Remembers when each node's heartbeat last moved (to tell late, suspect members) and which
+/// nodes were ever live (to tell joining members from dead ones).
 #[derive(Default)]
 struct HeartbeatTracker {
-    seen: HashMap<ChitchatId, (Heartbeat, Instant)>,
+    seen: HashMap<ChitchatId, (u64, Instant)>,
+    first_heard: HashMap<ChitchatId, Instant>,
+    ever_live: std::collections::HashSet<ChitchatId>,
 }
 
 impl HeartbeatTracker {
+    /// Whether `id` is still joining: never live yet and first heard of less than
+    /// [`JOIN_ROUNDS`] rounds ago.
+    fn is_joining(
+        &mut self,
+        id: &ChitchatId,
+        live: bool,
+        now: Instant,
+        interval: Duration,
+    ) -> bool {
+        if live {
+            self.ever_live.insert(id.clone());
+            return false;
+        }
+        if self.ever_live.contains(id) {
+            return false;
+        }
+        let first = *self.first_heard.entry(id.clone()).or_insert(now);
+        now.duration_since(first) < interval * JOIN_ROUNDS
+    }
+
     /// Records `heartbeat` and returns how long it has been unchanged.
-    fn observe(&mut self, id: &ChitchatId, heartbeat: Heartbeat, now: Instant) -> Duration {
+    fn observe(&mut self, id: &ChitchatId, heartbeat: u64, now: Instant) -> Duration {
         match self.seen.get_mut(id) {
             Some((last, since)) if *last == heartbeat => now.duration_since(*since),
             Some(entry) => {
@@ -332,5 +371,54 @@ impl HeartbeatTracker {
 
     fn retain(&mut self, keep: impl Fn(&ChitchatId) -> bool) {
         self.seen.retain(|id, _| keep(id));
+        self.first_heard.retain(|id, _| keep(id));
+        self.ever_live.retain(|id| keep(id));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(name: &str) -> ChitchatId {
+        ChitchatId::new(name.to_string(), 1, "127.0.0.1:7401".parse().unwrap())
+    }
+
+    #[test]
+    fn a_node_never_live_is_joining_for_five_rounds_then_listed() {
+        let mut tracker = HeartbeatTracker::default();
+        let round = Duration::from_millis(100);
+        let t0 = Instant::now();
+        assert!(tracker.is_joining(&id("new"), false, t0, round));
+        assert!(tracker.is_joining(&id("new"), false, t0 + round * 4, round));
+        assert!(!tracker.is_joining(&id("new"), false, t0 + round * 5, round));
+    }
+
+    #[test]
+    fn a_node_once_live_is_never_joining_again() {
+        let mut tracker = HeartbeatTracker::default();
+        let round = Duration::from_millis(100);
+        let t0 = Instant::now();
+        assert!(!tracker.is_joining(&id("a"), true, t0, round));
+        assert!(!tracker.is_joining(&id("a"), false, t0 + round, round));
+        tracker.retain(|_| false);
+        assert!(tracker.is_joining(&id("a"), false, t0 + round * 2, round));
+    }
+
+    #[test]
+    fn quiet_time_counts_from_the_last_heartbeat_change() {
+        let mut tracker = HeartbeatTracker::default();
+        let t0 = Instant::now();
+        let a = id("a");
+        let (one, two) = (1, 2);
+        assert_eq!(tracker.observe(&a, one, t0), Duration::ZERO);
+        assert_eq!(
+            tracker.observe(&a, one, t0 + Duration::from_secs(3)),
+            Duration::from_secs(3)
+        );
+        assert_eq!(
+            tracker.observe(&a, two, t0 + Duration::from_secs(4)),
+            Duration::ZERO
+        );
     }
 }

@@ -185,9 +185,22 @@ mod tests {
     #[test]
     fn records_from_peers_that_do_not_parse_are_skipped() {
         assert!(decode::<NodeRecord>("{not json").is_none());
-        assert!(decode::<ServiceRecord>(r#"{"port":70000,"protocol":"tcp","health":"passing","weight":1}"#).is_none());
-        assert!(decode::<ServiceRecord>(r#"{"port":80,"protocol":"smtp","health":"passing","weight":1}"#).is_none());
-        let ok = decode::<ServiceRecord>(r#"{"port":80,"protocol":"http","health":"failing","weight":2}"#).unwrap();
+        assert!(
+            decode::<ServiceRecord>(
+                r#"{"port":70000,"protocol":"tcp","health":"passing","weight":1}"#
+            )
+            .is_none()
+        );
+        assert!(
+            decode::<ServiceRecord>(
+                r#"{"port":80,"protocol":"smtp","health":"passing","weight":1}"#
+            )
+            .is_none()
+        );
+        let ok = decode::<ServiceRecord>(
+            r#"{"port":80,"protocol":"http","health":"failing","weight":2}"#,
+        )
+        .unwrap();
         assert_eq!(ok.health, Health::Failing);
     }
 }
