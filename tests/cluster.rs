@@ -401,7 +401,10 @@ fn metrics_are_valid_prometheus_text() {
     // The HTTP listener serves only metrics and probes; the JSON API is on the 0600 socket.
     assert_eq!(cluster.agents[0].http_get("/v1/members").unwrap().0, 404);
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(cluster.agents[0].socket()).unwrap().permissions().mode();
+    let mode = std::fs::metadata(cluster.agents[0].socket())
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600, "admin socket mode {mode:o}");
     for name in [
         "weft_build_info",

@@ -1,1 +1,4 @@
-//! placeholder
+//! Weft integration-test support: multi-agent tests, the network-namespace lab ([`lab`]) and benchmarks.
+
+pub mod agent;
+pub mod lab;

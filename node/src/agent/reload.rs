@@ -44,12 +44,10 @@ impl Agent {
             format: running.log.format,
         };
 
-        if changes.log_level {
-            if let Some(log) = &self.log {
-                if let Err(e) = log.set_level(&applied.log.level) {
-                    warn!(error = %e, "could not change the log level");
-                }
-            }
+        if let (true, Some(log)) = (changes.log_level, &self.log)
+            && let Err(e) = log.set_level(&applied.log.level)
+        {
+            warn!(error = %e, "could not change the log level");
         }
 
         let keyring_changed = keyring.fingerprints() != self.shared.keyring.load().fingerprints();

@@ -45,7 +45,7 @@ pub(super) fn keys(socket: &Path, read: ReadArgs) -> anyhow::Result<()> {
 
 fn describe(keyring: &[String]) -> String {
     match keyring.split_first() {
-        Some((primary, rest)) if rest.is_empty() => format!("primary {primary}"),
+        Some((primary, [])) => format!("primary {primary}"),
         Some((primary, rest)) => format!("primary {primary}, also accepts {}", rest.join(",")),
         None => "no keys".into(),
     }

@@ -181,9 +181,9 @@ impl Config {
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         let source = Source::new(path, text);
         let deserializer =
-            toml::de::Deserializer::parse(text).map_err(|e| source.from_syntax(e))?;
+            toml::de::Deserializer::parse(text).map_err(|e| source.syntax_error(e))?;
         let raw: RawConfig =
-            serde_path_to_error::deserialize(deserializer).map_err(|e| source.from_serde(e))?;
+            serde_path_to_error::deserialize(deserializer).map_err(|e| source.serde_error(e))?;
         raw.validate(path, &source)
     }
 

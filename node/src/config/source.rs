@@ -122,7 +122,7 @@ impl<'a> Source<'a> {
     }
 
     /// Converts a serde error (with the key path serde_path_to_error tracked).
-    pub fn from_serde(&self, error: serde_path_to_error::Error<toml::de::Error>) -> ConfigError {
+    pub fn serde_error(&self, error: serde_path_to_error::Error<toml::de::Error>) -> ConfigError {
         let key = KeyPath::parse(&error.path().to_string().replace('[', ".").replace(']', ""));
         let inner = error.into_inner();
         let line = inner
@@ -138,7 +138,7 @@ impl<'a> Source<'a> {
     }
 
     /// Converts a TOML syntax error.
-    pub fn from_syntax(&self, error: toml::de::Error) -> ConfigError {
+    pub fn syntax_error(&self, error: toml::de::Error) -> ConfigError {
         ConfigError {
             file: self.path.to_path_buf(),
             line: error.span().map(|span| self.line_of_offset(span.start)),
