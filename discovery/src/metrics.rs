@@ -157,6 +157,11 @@ impl GossipMetrics {
             .unwrap_or(0)
     }
 
+    /// Sealed bytes sent so far.
+    pub fn bytes_out(&self) -> u64 {
+        self.bytes_out.get()
+    }
+
     /// Sets the member gauges from counts per state, in [`MEMBER_STATES`] order.
     pub fn set_members(&self, counts: [usize; 4]) {
         for (state, count) in MEMBER_STATES.iter().zip(counts) {
