@@ -35,8 +35,9 @@ pub fn machine() -> String {
 }
 
 /// Replaces (or appends) the section `## {heading}` of the markdown file at `path`
-/// (relative to the workspace root) with `body`, stamped with the machine and date.
-pub fn write_section(path: &str, heading: &str, body: &str) -> std::io::Result<()> {
+/// (relative to the workspace root) with `body`, stamped with the command that produced it,
+/// the machine and the date.
+pub fn write_section(path: &str, heading: &str, command: &str, body: &str) -> std::io::Result<()> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let file = root.join(path);
     let existing = std::fs::read_to_string(&file).unwrap_or_else(|_| {
@@ -50,7 +51,7 @@ pub fn write_section(path: &str, heading: &str, body: &str) -> std::io::Result<(
         .and_then(|o| String::from_utf8(o.stdout).ok())
         .unwrap_or_default();
     let section = format!(
-        "## {heading}\n\nMeasured {} on: {}.\n\n{}\n",
+        "## {heading}\n\nCommand: `{command}`. Measured {} on: {}.\n\n{}\n",
         date.trim(),
         machine(),
         body.trim_end()
