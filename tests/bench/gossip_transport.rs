@@ -44,6 +44,7 @@ fn main() -> anyhow::Result<()> {
     bench_report::write_section(
         "docs/benchmarks.md",
         "Gossip transport: sealed vs stock chitchat UDP",
+        "cargo bench -p weft-tests --bench gossip_transport",
         &report,
     )?;
     Ok(())
