@@ -66,7 +66,7 @@ pub fn write_section(path: &str, heading: &str, command: &str, body: &str) -> st
                 .unwrap_or(existing.len());
             format!("{}{}{}", &existing[..start], section, &existing[end..])
         }
-        None => format!("{}\n{}", existing.trim_end(), format!("\n{section}")),
+        None => format!("{}\n\n{section}", existing.trim_end()),
     };
     std::fs::write(file, updated)
 }

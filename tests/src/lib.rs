@@ -2,3 +2,4 @@
 
 pub mod agent;
 pub mod lab;
+pub mod bench_report;
