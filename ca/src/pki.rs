@@ -18,6 +18,7 @@ use rcgen::{
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use time::OffsetDateTime;
+use x509_parser::prelude::FromDer;
 
 use crate::bundle::{TrustBundle, pem_certificate};
 use crate::spiffe::{SpiffeId, TrustDomain};
@@ -222,6 +223,38 @@ pub fn init(
         &pem_certificate(operator_cert.der()),
     )?;
     Ok(InitOutput { bundle, operator })
+}
+
+/// Reads `root_dir/root.pem` and returns it as a bundle of the trust domain its URI SAN
+/// names (as `weft ca init` writes it).
+pub fn load_root(root_dir: &Path) -> Result<TrustBundle, PkiError> {
+    let path = root_dir.join(ROOT_CERT);
+    let pem = read(&path)?;
+    let invalid = |reason: String| PkiError::Invalid {
+        path: path.clone(),
+        reason,
+    };
+    let der = CertificateDer::from_pem_slice(pem.as_bytes())
+        .map_err(|e| invalid(format!("not a PEM certificate: {e}")))?;
+    let (_, cert) = x509_parser::prelude::X509Certificate::from_der(der.as_ref())
+        .map_err(|e| invalid(format!("not a certificate: {e}")))?;
+    let trust_domain = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .and_then(|san| {
+            san.value.general_names.iter().find_map(|name| match name {
+                x509_parser::prelude::GeneralName::URI(uri) => TrustDomain::new(uri).ok(),
+                _ => None,
+            })
+        })
+        .ok_or_else(|| {
+            invalid(
+                "the root names no spiffe://TRUST-DOMAIN URI; was it made by `weft ca init`?"
+                    .into(),
+            )
+        })?;
+    Ok(TrustBundle::new(trust_domain, vec![der], 1)?)
 }
 
 /// Creates an intermediate for CA host `name`, signed by the root in `root_dir`, in `out`.

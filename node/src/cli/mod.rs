@@ -3,6 +3,7 @@
 //! (0 success, 1 failure, 2 usage errors, which clap reports itself).
 
 mod agent;
+mod ca;
 mod gossip;
 mod read;
 mod table;
@@ -62,6 +63,11 @@ pub enum Command {
         #[command(subcommand)]
         command: GossipCommand,
     },
+    /// Offline PKI: create the root of a trust domain, or an intermediate for a CA host.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
     /// Print a shell completion script.
     Completions {
         /// Shell to generate for.
@@ -69,6 +75,35 @@ pub enum Command {
     },
     /// Print the man page (roff).
     Man,
+}
+
+/// `weft ca …`.
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Create an offline root key and certificate, and an operator credential.
+    Init {
+        /// Trust domain, e.g. `prod.example.com`.
+        #[arg(long)]
+        trust_domain: String,
+        /// Directory to write root.pem, root.key, bundle.json, operator.pem, operator.key.
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// Name in the operator's SPIFFE ID (`spiffe://TD/operator/NAME`).
+        #[arg(long, default_value = "admin")]
+        operator: String,
+    },
+    /// Create an intermediate (ca.pem, ca.key) for one CA host, signed by the root.
+    Intermediate {
+        /// Directory holding root.pem and root.key (from `weft ca init`).
+        #[arg(long)]
+        root: std::path::PathBuf,
+        /// The CA host's node name.
+        #[arg(long)]
+        name: String,
+        /// Directory to write ca.pem and ca.key.
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
 }
 
 /// `weft gossip …`.
@@ -97,6 +132,17 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Gossip {
             command: GossipCommand::Keys(read),
         } => gossip::keys(&admin_socket(&cli), *read),
+        Command::Ca {
+            command:
+                CaCommand::Init {
+                    trust_domain,
+                    out,
+                    operator,
+                },
+        } => ca::init(trust_domain, operator, out),
+        Command::Ca {
+            command: CaCommand::Intermediate { root, name, out },
+        } => ca::intermediate(root, name, out),
         Command::Completions { shell } => {
             clap_complete::generate(*shell, &mut Cli::command(), "weft", &mut std::io::stdout());
             Ok(())
