@@ -259,10 +259,10 @@ fn check_root(
     if !cert.is_ca() {
         return Err(not_root("basicConstraints does not say CA"));
     }
-    if let Ok(Some(usage)) = cert.key_usage() {
-        if !usage.value.key_cert_sign() {
-            return Err(not_root("keyUsage lacks keyCertSign"));
-        }
+    if let Ok(Some(usage)) = cert.key_usage()
+        && !usage.value.key_cert_sign()
+    {
+        return Err(not_root("keyUsage lacks keyCertSign"));
     }
     for ext in cert.extensions() {
         if let ParsedExtension::SubjectAlternativeName(san) = ext.parsed_extension() {

@@ -1,17 +1,23 @@
 //! Weft identity: SPIFFE IDs, the PKI (offline root, operator credentials, CA-host
-//! intermediates), SVID issuance, trust bundles and the node scope.
-//!
-//! Nothing here touches the network; the CA server and client that carry requests between
-//! agents build on these types.
+//! intermediates), SVID issuance and verification, join tokens, trust bundles, the node
+//! scope, the CA protocol (server and client) and the TLS verifiers built on SVIDs.
 
 pub mod bundle;
+pub mod client;
 pub mod issuer;
 pub mod pki;
+pub mod protocol;
 pub mod scope;
+pub mod server;
 pub mod spiffe;
+pub mod tls;
+pub mod token;
+pub mod verify;
 
 pub use bundle::{BundleError, TrustBundle};
 pub use issuer::{CertificateAuthority, IssueError, IssuedSvid};
 pub use pki::PkiError;
 pub use scope::NodeScope;
 pub use spiffe::{SpiffeId, SpiffeIdError, TrustDomain, WeftIdentity};
+pub use token::{JoinToken, OperatorCredential, TokenError};
+pub use verify::{SvidError, Usage, VerifiedSvid, parse_chain_pem, verify_svid};

@@ -59,6 +59,9 @@ pub struct Member {
     pub record: Option<NodeRecord>,
     /// Fingerprints of the member's gossip keyring, primary first.
     pub keyring: Vec<String>,
+    /// Join-token ids this member redeemed (CA hosts only).
+    #[serde(default)]
+    pub redeemed_tokens: Vec<String>,
     /// Whether this member is the local agent.
     pub is_self: bool,
 }
@@ -156,16 +159,14 @@ impl Catalog {
             } else {
                 MemberState::Alive
             };
-            let keyring = node
-                .key_values
-                .get(crate::record::KEYRING_KEY)
-                .map(|v| {
-                    v.split(',')
-                        .filter(|s| !s.is_empty())
-                        .map(String::from)
-                        .collect()
-                })
-                .unwrap_or_default();
+            let list = |key: &str| -> Vec<String> {
+                node.key_values
+                    .get(key)
+                    .map(|v| v.split(',').filter(|s| !s.is_empty()).map(String::from).collect())
+                    .unwrap_or_default()
+            };
+            let keyring = list(crate::record::KEYRING_KEY);
+            let redeemed_tokens = list(crate::record::REDEEMED_KEY);
 
             if let (Some(record), true) = (&record, state.is_routable()) {
                 for (key, value) in &node.key_values {
@@ -198,6 +199,7 @@ impl Catalog {
                     state,
                     record,
                     keyring,
+                    redeemed_tokens,
                     is_self: node.is_self,
                 },
             );

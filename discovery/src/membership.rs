@@ -218,6 +218,14 @@ impl Membership {
             .await;
     }
 
+    /// Publishes the join-token ids this CA host redeemed.
+    pub async fn set_redeemed_tokens(&self, ids: &[String]) {
+        let value = ids.join(",");
+        self.chitchat
+            .with_chitchat(|c| c.self_node_state().set(crate::record::REDEEMED_KEY, value.clone()))
+            .await;
+    }
+
     /// Leaves gracefully: announces `left`, pushes it to every live peer at once, waits a
     /// gossip round so it spreads, then stops gossiping.
     pub async fn leave(self) {

@@ -16,6 +16,9 @@ pub const NODE_KEY: &str = "node";
 pub const STATE_KEY: &str = "state";
 /// Key holding the fingerprints of the member's gossip keyring, primary first, comma separated.
 pub const KEYRING_KEY: &str = "keyring";
+/// Key holding the join-token ids a CA host redeemed (still inside their lifetime), comma
+/// separated, so other CA hosts refuse them too.
+pub const REDEEMED_KEY: &str = "ca.redeemed";
 /// Prefix of the keys holding one JSON [`ServiceRecord`] each; the rest of the key is
 /// `namespace/name`.
 pub const SERVICE_PREFIX: &str = "svc:";
