@@ -18,7 +18,6 @@ use rcgen::{
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use time::OffsetDateTime;
-use x509_parser::prelude::FromDer;
 
 use crate::bundle::{TrustBundle, pem_certificate};
 use crate::spiffe::{SpiffeId, TrustDomain};
@@ -236,24 +235,11 @@ pub fn load_root(root_dir: &Path) -> Result<TrustBundle, PkiError> {
     };
     let der = CertificateDer::from_pem_slice(pem.as_bytes())
         .map_err(|e| invalid(format!("not a PEM certificate: {e}")))?;
-    let (_, cert) = x509_parser::prelude::X509Certificate::from_der(der.as_ref())
-        .map_err(|e| invalid(format!("not a certificate: {e}")))?;
-    let trust_domain = cert
-        .subject_alternative_name()
-        .ok()
-        .flatten()
-        .and_then(|san| {
-            san.value.general_names.iter().find_map(|name| match name {
-                x509_parser::prelude::GeneralName::URI(uri) => TrustDomain::new(uri).ok(),
-                _ => None,
-            })
-        })
-        .ok_or_else(|| {
-            invalid(
-                "the root names no spiffe://TRUST-DOMAIN URI; was it made by `weft ca init`?"
-                    .into(),
-            )
-        })?;
+    let trust_domain = crate::bundle::trust_domain_of_root(&der).ok_or_else(|| {
+        invalid(
+            "the root names no spiffe://TRUST-DOMAIN URI; was it made by `weft ca init`?".into(),
+        )
+    })?;
     Ok(TrustBundle::new(trust_domain, vec![der], 1)?)
 }
 

@@ -162,7 +162,12 @@ impl Catalog {
             let list = |key: &str| -> Vec<String> {
                 node.key_values
                     .get(key)
-                    .map(|v| v.split(',').filter(|s| !s.is_empty()).map(String::from).collect())
+                    .map(|v| {
+                        v.split(',')
+                            .filter(|s| !s.is_empty())
+                            .map(String::from)
+                            .collect()
+                    })
                     .unwrap_or_default()
             };
             let keyring = list(crate::record::KEYRING_KEY);

@@ -222,7 +222,10 @@ impl Membership {
     pub async fn set_redeemed_tokens(&self, ids: &[String]) {
         let value = ids.join(",");
         self.chitchat
-            .with_chitchat(|c| c.self_node_state().set(crate::record::REDEEMED_KEY, value.clone()))
+            .with_chitchat(|c| {
+                c.self_node_state()
+                    .set(crate::record::REDEEMED_KEY, value.clone())
+            })
             .await;
     }
 

@@ -9,7 +9,9 @@ mod agent;
 mod cli;
 mod config;
 mod demo;
+mod endpoint;
 mod health;
+mod identity;
 mod metrics;
 mod telemetry;
 

@@ -75,6 +75,11 @@ impl AgentMetrics {
         })
     }
 
+    /// The registry other layers register their metrics in.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     /// Counts a config reload.
     pub fn config_reload(&self, ok: bool) {
         self.config_reloads

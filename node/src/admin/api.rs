@@ -17,6 +17,8 @@ pub mod paths {
     pub const STATUS: &str = "/v1/status";
     /// `GET`: keyrings in use across members ([`super::KeysReport`]).
     pub const GOSSIP_KEYS: &str = "/v1/gossip/keys";
+    /// `GET`: identities held ([`super::CertsReport`]).
+    pub const CERTS: &str = "/v1/certs";
     /// `GET`: Prometheus text.
     pub const METRICS: &str = "/metrics";
     /// `GET`: 200 when ready to serve, 503 otherwise.
@@ -83,8 +85,74 @@ pub struct StatusReport {
     pub members: MemberCounts,
     /// Keyring fingerprints, primary first.
     pub keyring: Vec<String>,
+    /// This node's SPIFFE ID, once it holds one.
+    pub identity: Option<String>,
+    /// Expiry of the node SVID, unix seconds.
+    pub identity_not_after: Option<u64>,
+    /// Alive CA hosts known from gossip (other than this one).
+    pub ca_hosts: usize,
+    /// Whether this host is a CA host.
+    pub is_ca_host: bool,
     /// Services this host runs.
     pub services: Vec<LocalService>,
+}
+
+/// One certificate of a chain, as shown to operators.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChainLink {
+    /// Subject DN.
+    pub subject: String,
+    /// Issuer DN.
+    pub issuer: String,
+    /// URI SAN, if any.
+    pub uri: Option<String>,
+    /// Expiry, unix seconds.
+    pub not_after: u64,
+}
+
+/// One identity this host holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldIdentity {
+    /// SPIFFE ID.
+    pub id: String,
+    /// `node`, `service` or `ca-server`.
+    pub kind: String,
+    /// Validity start, unix seconds.
+    pub not_before: u64,
+    /// Expiry, unix seconds.
+    pub not_after: u64,
+    /// Planned renewal, unix seconds.
+    pub renew_at: u64,
+    /// Leaf serial, hex.
+    pub serial: String,
+    /// Services the node may hold (node SVIDs).
+    pub scope: Vec<String>,
+    /// The chain, leaf first.
+    pub chain: Vec<ChainLink>,
+}
+
+/// A CA host known from gossip.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaHost {
+    /// Node name.
+    pub node: String,
+    /// Its tunnel address (where it serves `weft-ca/1`).
+    pub addr: SocketAddr,
+}
+
+/// What `weft certs` shows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertsReport {
+    /// Trust domain.
+    pub trust_domain: String,
+    /// Roots of the trust bundle in force.
+    pub roots: Vec<ChainLink>,
+    /// Identities held.
+    pub identities: Vec<HeldIdentity>,
+    /// Alive CA hosts other than this one.
+    pub ca_hosts: Vec<CaHost>,
+    /// Whether this host is a CA host.
+    pub is_ca_host: bool,
 }
 
 /// One member's keyring.

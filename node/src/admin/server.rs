@@ -160,6 +160,7 @@ fn route(shared: &Shared, surface: Surface, request: &Request<Incoming>) -> Resp
             )
         }
         (Surface::Socket, paths::STATUS) => json(&status(shared)),
+        (Surface::Socket, paths::CERTS) => json(&certs(shared)),
         (Surface::Socket, paths::GOSSIP_KEYS) => {
             let catalog = shared.catalog.current();
             let members: Vec<_> = catalog.members.values().cloned().collect();
@@ -207,6 +208,20 @@ fn status(shared: &Shared) -> StatusReport {
             left,
         },
         keyring: shared.keyring.load().fingerprints(),
+        identity: shared
+            .identities
+            .load()
+            .node
+            .as_ref()
+            .map(|n| n.id.to_string()),
+        identity_not_after: shared
+            .identities
+            .load()
+            .node
+            .as_ref()
+            .map(|n| unix(n.not_after)),
+        ca_hosts: crate::identity::ca_hosts(&shared.catalog, &config.node.name).len(),
+        is_ca_host: config.ca.is_some(),
         services,
     }
 }
@@ -225,4 +240,79 @@ fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
         .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
         .body(Full::new(Bytes::from_static(body.as_bytes())))
         .expect("static response parts are valid")
+}
+
+fn unix(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn chain_link(der: &rustls_pki_types::CertificateDer<'_>) -> api::ChainLink {
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    match X509Certificate::from_der(der.as_ref()) {
+        Ok((_, cert)) => api::ChainLink {
+            subject: cert.subject().to_string(),
+            issuer: cert.issuer().to_string(),
+            uri: cert
+                .subject_alternative_name()
+                .ok()
+                .flatten()
+                .and_then(|san| {
+                    san.value.general_names.iter().find_map(|n| match n {
+                        GeneralName::URI(u) => Some(u.to_string()),
+                        _ => None,
+                    })
+                }),
+            not_after: cert.validity().not_after.timestamp().max(0) as u64,
+        },
+        Err(e) => api::ChainLink {
+            subject: format!("(unparsable certificate: {e})"),
+            issuer: String::new(),
+            uri: None,
+            not_after: 0,
+        },
+    }
+}
+
+fn certs(shared: &Shared) -> api::CertsReport {
+    let config = shared.config.load();
+    let ids = shared.identities.load();
+    let held = |kind: &str, svid: &crate::identity::HeldSvid| api::HeldIdentity {
+        id: svid.id.to_string(),
+        kind: kind.into(),
+        not_before: unix(svid.not_before),
+        not_after: unix(svid.not_after),
+        renew_at: unix(svid.renew_at),
+        serial: svid.serial_hex.clone(),
+        scope: svid
+            .scope
+            .as_ref()
+            .map(|s| s.services().to_vec())
+            .unwrap_or_default(),
+        chain: svid.chain.iter().map(chain_link).collect(),
+    };
+    let identities = ids
+        .node
+        .iter()
+        .map(|n| held("node", n))
+        .chain(ids.services.values().map(|s| held("service", s)))
+        .chain(ids.ca_server.iter().map(|s| held("ca-server", s)))
+        .collect();
+    api::CertsReport {
+        trust_domain: config.node.trust_domain.to_string(),
+        roots: shared
+            .bundle
+            .load()
+            .roots()
+            .iter()
+            .map(chain_link)
+            .collect(),
+        identities,
+        ca_hosts: crate::identity::ca_hosts(&shared.catalog, &config.node.name)
+            .into_iter()
+            .map(|(node, addr)| api::CaHost { node, addr })
+            .collect(),
+        is_ca_host: config.ca.is_some(),
+    }
 }

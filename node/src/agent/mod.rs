@@ -1,22 +1,29 @@
-//! The agent: one per host. Binds its listeners, joins gossip, runs health checks, serves
-//! the admin API, and reacts to control messages (reload, stop) until it leaves.
+//! The agent: one per host. Binds its listeners, joins gossip, keeps its identities valid,
+//! serves the CA protocol on CA hosts, runs health checks, serves the admin API, and reacts to
+//! control messages (reload, stop) until it leaves.
 //!
-//! Order matters and is kept here in one place: every listener is bound before gossip
-//! starts (a bad address fails startup without half-joining), and on stop the agent turns
-//! not-ready first, then leaves gossip, then closes the admin API.
+//! Order matters and is kept here in one place: the trust bundle and CA material are loaded
+//! and every listener is bound before gossip starts (bad files or addresses fail startup
+//! without half-joining); on stop the agent turns not-ready first, then leaves gossip, then
+//! closes the endpoint and the admin API.
 
 mod reload;
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
+use weft_ca::client::CaClient;
+use weft_ca::server::{CaMetrics, CaServer, RedeemedTokens};
+use weft_ca::tls::SharedBundle;
+use weft_ca::{CertificateAuthority, TrustBundle};
 use weft_discovery::{
     CatalogHandle, Health, Keyring, Membership, MembershipConfig, NodeRecord, SealConfig,
     ServiceKey, ServiceRecord, SharedKeyring,
@@ -24,9 +31,14 @@ use weft_discovery::{
 
 use crate::admin::AdminServer;
 use crate::config::{Config, ServiceConfig};
+use crate::endpoint::QuicEndpoint;
 use crate::health::{self, CheckResult, HealthChecks};
+use crate::identity::{self, IdentityContext, IdentityMetrics, SharedIdentities};
 use crate::metrics::AgentMetrics;
 use crate::telemetry::LogControl;
+
+/// How often a CA host republishes the token ids it redeemed.
+const REDEEMED_PUBLISH_INTERVAL: Duration = Duration::from_millis(250);
 
 /// What the rest of the agent (admin API, later the proxy) shares, behind one `Arc`.
 pub struct Shared {
@@ -36,24 +48,37 @@ pub struct Shared {
     pub catalog: CatalogHandle,
     /// Gossip keyring in use.
     pub keyring: SharedKeyring,
+    /// Trust bundle in force.
+    pub bundle: SharedBundle,
+    /// Identities held.
+    pub identities: SharedIdentities,
     /// Every metric.
     pub metrics: AgentMetrics,
     /// Gossip incarnation of this run.
     pub generation: u64,
     /// When this run started.
     pub started: Instant,
-    ready: AtomicBool,
+    running: AtomicBool,
 }
 
 impl Shared {
-    /// Whether the agent is ready to serve (started and not draining).
+    /// Ready: started, not stopping, and holding unexpired identities for the node and every
+    /// configured service.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
-    }
-
-    fn set_ready(&self, ready: bool) {
-        self.ready.store(ready, Ordering::Relaxed);
+        let services: Vec<ServiceKey> = self
+            .config
+            .load()
+            .services
+            .iter()
+            .map(|s| s.key.clone())
+            .collect();
+        let ready = self.running.load(Ordering::Relaxed)
+            && self
+                .identities
+                .load()
+                .is_complete(&services, SystemTime::now());
         self.metrics.set_ready(ready);
+        ready
     }
 }
 
@@ -74,33 +99,42 @@ pub struct Agent {
     results_tx: mpsc::Sender<CheckResult>,
     results_rx: mpsc::Receiver<CheckResult>,
     last_health: BTreeMap<ServiceKey, Health>,
-    admin_stop: watch::Sender<bool>,
-    admin_task: JoinHandle<()>,
+    services_tx: watch::Sender<Vec<ServiceKey>>,
+    ca_server: Option<Arc<CaServer>>,
+    stop_tx: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
     log: Option<LogControl>,
 }
 
 impl Agent {
-    /// Binds the listeners, loads the keyring and joins gossip.
+    /// Loads keys and trust, binds the listeners, joins gossip and starts the identity manager.
     pub async fn start(config: Config, log: Option<LogControl>) -> anyhow::Result<Agent> {
         let keyring = Keyring::load(&config.gossip.keyring)?;
         let keyring: SharedKeyring = Arc::new(ArcSwap::from_pointee(keyring));
-        let metrics = AgentMetrics::new().context("failed to register metrics")?;
-        let admin = AdminServer::bind(&config.admin.socket, config.admin.http).await?;
-
-        let started_at = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or_default();
-        let node = NodeRecord {
-            name: config.node.name.clone(),
-            gossip_addr: config.gossip.advertise,
-            tunnel_addr: config.tunnel.advertise,
-            labels: config.node.labels.clone(),
-            roles: Vec::new(),
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            policy_version: 0,
-            started_at,
+        let bundle = TrustBundle::load_pem(
+            config.node.trust_domain.clone(),
+            &config.identity.trust_bundle,
+        )?;
+        let bundle: SharedBundle = Arc::new(ArcSwap::from_pointee(bundle));
+        let ca = match &config.ca {
+            Some(ca) => Some(Arc::new(CertificateAuthority::load(
+                &ca.cert,
+                &ca.key,
+                &bundle.load(),
+            )?)),
+            None => None,
         };
+        prepare_data_dir(&config)?;
+        let metrics = AgentMetrics::new().context("failed to register metrics")?;
+        let identity_metrics =
+            IdentityMetrics::new(metrics.registry()).context("failed to register metrics")?;
+        let ca_metrics =
+            CaMetrics::new(metrics.registry()).context("failed to register metrics")?;
+
+        // Every listener is bound before anything joins.
+        let admin = AdminServer::bind(&config.admin.socket, config.admin.http).await?;
+        let endpoint = QuicEndpoint::bind(config.tunnel.bind, bundle.clone())?;
+
         let last_health: BTreeMap<ServiceKey, Health> = config
             .services
             .iter()
@@ -108,32 +142,76 @@ impl Agent {
             .collect();
         let membership = Membership::start(
             membership_config(&config),
-            node,
+            node_record(&config),
             service_records(&config.services, &last_health),
             keyring.clone(),
             metrics.gossip.clone(),
         )
         .await?;
+        let catalog = membership.catalog();
 
-        let shared = Arc::new(Shared {
-            catalog: membership.catalog(),
-            generation: membership.generation(),
-            config: ArcSwap::from_pointee(config),
-            keyring,
-            metrics,
-            started: Instant::now(),
-            ready: AtomicBool::new(false),
+        let ca_server = ca.as_ref().map(|ca| {
+            let elsewhere = catalog.clone();
+            Arc::new(CaServer::new(
+                ca.clone(),
+                bundle.clone(),
+                config.identity.node_svid_ttl,
+                RedeemedTokens::load(config.node.data_dir.join("ca").join("redeemed.json")),
+                Box::new(move |id: &str| {
+                    elsewhere
+                        .current()
+                        .members
+                        .values()
+                        .any(|m| !m.is_self && m.redeemed_tokens.iter().any(|t| t == id))
+                }),
+                ca_metrics.clone(),
+            ))
         });
-        let (admin_stop, admin_stop_rx) = watch::channel(false);
-        let admin_task = tokio::spawn(admin.serve(shared.clone(), admin_stop_rx));
+
+        let identities: SharedIdentities = Arc::default();
+        let shared = Arc::new(Shared {
+            catalog: catalog.clone(),
+            generation: membership.generation(),
+            keyring,
+            bundle: bundle.clone(),
+            identities: identities.clone(),
+            metrics,
+            config: ArcSwap::from_pointee(config),
+            started: Instant::now(),
+            running: AtomicBool::new(true),
+        });
+        let config = shared.config.load_full();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (services_tx, services_rx) =
+            watch::channel(config.services.iter().map(|s| s.key.clone()).collect());
+        let context = IdentityContext {
+            trust_domain: config.node.trust_domain.clone(),
+            node_name: config.node.name.clone(),
+            data_dir: config.node.data_dir.clone(),
+            join_token: config.identity.join_token.clone(),
+            svid_ttl: config.identity.svid_ttl,
+            node_svid_ttl: config.identity.node_svid_ttl,
+            bundle,
+            ca,
+            client: CaClient::new(endpoint.quinn(), shared.bundle.clone()),
+            catalog,
+            resolver: endpoint.resolver(),
+            metrics: identity_metrics,
+            identities,
+        };
+        let tasks = vec![
+            tokio::spawn(admin.serve(shared.clone(), stop_rx.clone())),
+            tokio::spawn(endpoint.serve(ca_server.clone(), stop_rx.clone())),
+            tokio::spawn(identity::run(context, services_rx, stop_rx)),
+        ];
         let (results_tx, results_rx) = mpsc::channel(64);
-        let checks = HealthChecks::start(&shared.config.load().services, results_tx.clone());
-        shared.set_ready(true);
+        let checks = HealthChecks::start(&config.services, results_tx.clone());
         info!(
-            node = %shared.config.load().node.name,
-            services = shared.config.load().services.len(),
+            node = %config.node.name,
+            ca_host = ca_server.is_some(),
+            services = config.services.len(),
             checks = checks.len(),
-            "agent ready"
+            "agent started"
         );
         Ok(Agent {
             shared,
@@ -142,8 +220,10 @@ impl Agent {
             results_tx,
             results_rx,
             last_health,
-            admin_stop,
-            admin_task,
+            services_tx,
+            ca_server,
+            stop_tx,
+            tasks,
             log,
         })
     }
@@ -155,6 +235,8 @@ impl Agent {
 
     /// Runs until a [`Control::Stop`] arrives (or the control channel closes), then leaves.
     pub async fn run(mut self, mut control: mpsc::Receiver<Control>) {
+        let mut publish = tokio::time::interval(REDEEMED_PUBLISH_INTERVAL);
+        let mut published: Vec<String> = Vec::new();
         loop {
             tokio::select! {
                 message = control.recv() => match message {
@@ -162,6 +244,13 @@ impl Agent {
                     Some(Control::Stop) | None => break,
                 },
                 Some(result) = self.results_rx.recv() => self.apply_health(result).await,
+                _ = publish.tick(), if self.ca_server.is_some() => {
+                    let ids = self.ca_server.as_ref().map(|s| s.redeemed_ids()).unwrap_or_default();
+                    if ids != published {
+                        self.membership.set_redeemed_tokens(&ids).await;
+                        published = ids;
+                    }
+                }
             }
         }
         self.stop().await;
@@ -193,15 +282,58 @@ impl Agent {
         }
     }
 
-    /// Turns not-ready, leaves gossip, and closes the admin API.
+    /// Turns not-ready, leaves gossip, and closes the endpoint and the admin API.
     async fn stop(self) {
         info!("leaving the mesh");
-        self.shared.set_ready(false);
+        self.shared.running.store(false, Ordering::Relaxed);
+        self.shared.metrics.set_ready(false);
         drop(self.checks);
         self.membership.leave().await;
-        let _ = self.admin_stop.send(true);
-        let _ = self.admin_task.await;
+        let _ = self.stop_tx.send(true);
+        for task in self.tasks {
+            let _ = task.await;
+        }
         info!("stopped");
+    }
+}
+
+/// Creates `data_dir` (0700) if missing; it will hold private keys.
+fn prepare_data_dir(config: &Config) -> anyhow::Result<()> {
+    let dir = &config.node.data_dir;
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("cannot create data_dir {}", dir.display()))?;
+    }
+    let mode = std::fs::metadata(dir)
+        .with_context(|| format!("cannot read data_dir {}", dir.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        warn!(data_dir = %dir.display(), mode = format!("{:o}", mode & 0o777), "data_dir is accessible to group or others; it holds private keys (chmod 700)");
+    }
+    Ok(())
+}
+
+fn node_record(config: &Config) -> NodeRecord {
+    NodeRecord {
+        name: config.node.name.clone(),
+        gossip_addr: config.gossip.advertise,
+        tunnel_addr: config.tunnel.advertise,
+        labels: config.node.labels.clone(),
+        roles: if config.ca.is_some() {
+            vec!["ca".into()]
+        } else {
+            Vec::new()
+        },
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        policy_version: 0,
+        started_at: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default(),
     }
 }
 

@@ -101,6 +101,9 @@ impl Agent {
             .set_services(service_records(&applied.services, &self.last_health))
             .await;
         self.checks = HealthChecks::start(&applied.services, self.results_tx.clone());
+        let _ = self
+            .services_tx
+            .send(applied.services.iter().map(|s| s.key.clone()).collect());
         // Dropping the old checks aborts them. A result they already queued is ignored if its
         // service is gone; for a kept service the next probe supersedes it.
     }

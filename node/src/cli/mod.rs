@@ -4,6 +4,7 @@
 
 mod agent;
 mod ca;
+mod certs;
 mod gossip;
 mod read;
 mod table;
@@ -68,6 +69,18 @@ pub enum Command {
         #[command(subcommand)]
         command: CaCommand,
     },
+    /// Identities held on this host (chain, not-after, next renewal), or check any chain.
+    Certs {
+        #[command(subcommand)]
+        command: Option<CertsCommand>,
+        #[command(flatten)]
+        read: ReadArgs,
+    },
+    /// Join tokens for new hosts.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
     /// Print a shell completion script.
     Completions {
         /// Shell to generate for.
@@ -75,6 +88,46 @@ pub enum Command {
     },
     /// Print the man page (roff).
     Man,
+}
+
+/// `weft certs …`.
+#[derive(Debug, Subcommand)]
+pub enum CertsCommand {
+    /// Check a PEM certificate chain against a trust bundle and the X.509-SVID profile; print
+    /// its SPIFFE ID or the exact reason it fails.
+    Verify {
+        /// PEM file with the chain, leaf first.
+        file: PathBuf,
+        /// Trust bundle PEM (default: `identity.trust_bundle` of the config).
+        #[arg(long)]
+        bundle: Option<PathBuf>,
+        /// Require this SPIFFE ID.
+        #[arg(long)]
+        id: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `weft token …`.
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Print a signed, expiring, single-use join token for one node and the services it may hold.
+    Create {
+        /// Node name the token is for.
+        #[arg(long)]
+        node: String,
+        /// A service the node may hold (`name` or `namespace/name`); repeat for several.
+        #[arg(long = "service")]
+        services: Vec<String>,
+        /// How long the token may be redeemed (e.g. `30m`, `1h`, `7d`).
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        /// Directory with operator.pem and operator.key (from `weft ca init`).
+        #[arg(long, env = "WEFT_OPERATOR")]
+        operator: PathBuf,
+    },
 }
 
 /// `weft ca …`.
@@ -143,6 +196,29 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Ca {
             command: CaCommand::Intermediate { root, name, out },
         } => ca::intermediate(root, name, out),
+        Command::Certs {
+            command: None,
+            read,
+        } => certs::show(&admin_socket(&cli), *read),
+        Command::Certs {
+            command:
+                Some(CertsCommand::Verify {
+                    file,
+                    bundle,
+                    id,
+                    json,
+                }),
+            ..
+        } => certs::verify(file, bundle.as_deref(), id.as_deref(), &cli.config, *json),
+        Command::Token {
+            command:
+                TokenCommand::Create {
+                    node,
+                    services,
+                    ttl,
+                    operator,
+                },
+        } => certs::token_create(operator, node, services, ttl),
         Command::Completions { shell } => {
             clap_complete::generate(*shell, &mut Cli::command(), "weft", &mut std::io::stdout());
             Ok(())

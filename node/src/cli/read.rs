@@ -138,6 +138,24 @@ pub(super) fn status(socket: &Path, read: ReadArgs) -> anyhow::Result<()> {
         status.keyring.len(),
         status.keyring.first().map(String::as_str).unwrap_or("-")
     );
+    match (&status.identity, status.identity_not_after) {
+        (Some(id), Some(not_after)) => {
+            let at = weft_ca::verify::format_utc(
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(not_after),
+            );
+            println!("identity:      {id} (expires {at})");
+        }
+        _ => println!("identity:      none yet (waiting for a CA host; see `weft certs`)"),
+    }
+    println!(
+        "CA hosts:      {} reachable by gossip{}",
+        status.ca_hosts,
+        if status.is_ca_host {
+            "; this host is a CA host"
+        } else {
+            ""
+        }
+    );
     if status.services.is_empty() {
         println!("services:      none");
     } else {

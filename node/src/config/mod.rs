@@ -36,6 +36,10 @@ pub struct Config {
     pub admin: AdminConfig,
     /// `[log]`.
     pub log: LogConfig,
+    /// `[identity]`.
+    pub identity: IdentityConfig,
+    /// `[ca]`, when this host is a CA host (`enabled = true`).
+    pub ca: Option<CaHostConfig>,
     /// `[[service]]`: services this host runs.
     pub services: Vec<ServiceConfig>,
 }
@@ -88,6 +92,28 @@ pub struct AdminConfig {
     pub socket: PathBuf,
     /// HTTP address serving `/metrics`, `/ready`, `/live`.
     pub http: SocketAddr,
+}
+
+/// `[identity]`: where this host's SPIFFE identity comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityConfig {
+    /// PEM file of the trust domain's root certificate(s).
+    pub trust_bundle: PathBuf,
+    /// Join token file, read once on first start when no node identity exists yet.
+    pub join_token: PathBuf,
+    /// Lifetime asked for service SVIDs.
+    pub svid_ttl: Duration,
+    /// Lifetime of node SVIDs this host issues, when it is a CA host.
+    pub node_svid_ttl: Duration,
+}
+
+/// `[ca]`: this host issues identities with its intermediate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaHostConfig {
+    /// Intermediate certificate (PEM).
+    pub cert: PathBuf,
+    /// Intermediate key (PEM, mode 0600).
+    pub key: PathBuf,
 }
 
 /// `[log]`: what the agent logs.
@@ -205,6 +231,12 @@ impl Config {
         if self.log.format != new.log.format {
             need_restart.push("log.format");
         }
+        if self.identity != new.identity {
+            need_restart.push("identity");
+        }
+        if self.ca != new.ca {
+            need_restart.push("ca");
+        }
         ReloadChanges {
             services: self.services != new.services,
             log_level: self.log.level != new.log.level,
@@ -228,7 +260,45 @@ struct RawConfig {
     #[serde(default)]
     log: RawLog,
     #[serde(default)]
+    identity: RawIdentity,
+    ca: Option<RawCa>,
+    #[serde(default)]
     service: Vec<RawService>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIdentity {
+    #[serde(default = "default_trust_bundle")]
+    trust_bundle: PathBuf,
+    #[serde(default = "default_join_token")]
+    join_token: PathBuf,
+    #[serde(default = "default_svid_ttl", deserialize_with = "duration")]
+    svid_ttl: Duration,
+    #[serde(default = "default_node_svid_ttl", deserialize_with = "duration")]
+    node_svid_ttl: Duration,
+}
+
+impl Default for RawIdentity {
+    fn default() -> Self {
+        RawIdentity {
+            trust_bundle: default_trust_bundle(),
+            join_token: default_join_token(),
+            svid_ttl: default_svid_ttl(),
+            node_svid_ttl: default_node_svid_ttl(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCa {
+    #[serde(default)]
+    enabled: bool,
+    #[serde(default = "default_ca_cert")]
+    cert: PathBuf,
+    #[serde(default = "default_ca_key")]
+    key: PathBuf,
 }
 
 #[derive(Deserialize)]
@@ -377,6 +447,24 @@ fn default_dead_grace() -> Duration {
 }
 fn default_max_datagram() -> usize {
     weft_discovery::SealConfig::default().max_datagram
+}
+fn default_trust_bundle() -> PathBuf {
+    PathBuf::from("/etc/weft/trust-bundle.pem")
+}
+fn default_join_token() -> PathBuf {
+    PathBuf::from("/etc/weft/join.token")
+}
+fn default_svid_ttl() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_node_svid_ttl() -> Duration {
+    Duration::from_secs(30 * 86_400)
+}
+fn default_ca_cert() -> PathBuf {
+    PathBuf::from("/etc/weft/ca/intermediate.pem")
+}
+fn default_ca_key() -> PathBuf {
+    PathBuf::from("/etc/weft/ca/intermediate.key")
 }
 fn default_admin_socket() -> PathBuf {
     PathBuf::from("/run/weft/admin.sock")
@@ -552,6 +640,26 @@ impl RawConfig {
             ));
         }
 
+        let (min_ttl, max_ttl) = (Duration::from_secs(60), Duration::from_secs(30 * 86_400));
+        if !(min_ttl..=max_ttl).contains(&self.identity.svid_ttl) {
+            return Err(source.error_at(
+                KeyPath::parse("identity.svid_ttl"),
+                "must be between 1m and 30d",
+            ));
+        }
+        if self.identity.node_svid_ttl < Duration::from_secs(600)
+            || self.identity.node_svid_ttl > Duration::from_secs(365 * 86_400)
+        {
+            return Err(source.error_at(
+                KeyPath::parse("identity.node_svid_ttl"),
+                "must be between 10m and 365d",
+            ));
+        }
+        let ca = self.ca.filter(|ca| ca.enabled).map(|ca| CaHostConfig {
+            cert: ca.cert,
+            key: ca.key,
+        });
+
         let mut seen = HashSet::new();
         let mut services = Vec::with_capacity(self.service.len());
         for (i, raw) in self.service.into_iter().enumerate() {
@@ -608,6 +716,13 @@ impl RawConfig {
                 level: self.log.level,
                 format: self.log.format,
             },
+            identity: IdentityConfig {
+                trust_bundle: self.identity.trust_bundle,
+                join_token: self.identity.join_token,
+                svid_ttl: self.identity.svid_ttl,
+                node_svid_ttl: self.identity.node_svid_ttl,
+            },
+            ca,
             services,
         })
     }
