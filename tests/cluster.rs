@@ -30,8 +30,14 @@ fn five_agents_see_each_other_within_3s() {
     let cluster = five();
     let took = converge(&cluster, Duration::from_secs(3));
     println!("five agents converged in {took:?}");
+    let ready = wait_until(Duration::from_secs(5), || cluster.all_ready()).unwrap_or_else(|| {
+        panic!(
+            "not every agent became ready (identities)\n{}",
+            cluster.logs()
+        )
+    });
+    println!("all five ready (node identities issued by a1) {ready:?} after convergence");
     for agent in &cluster.agents {
-        assert_eq!(agent.http_get("/ready").unwrap().0, 200);
         assert_eq!(agent.http_get("/live").unwrap().0, 200);
         assert_eq!(agent.metric("weft_gossip_members{state=\"alive\"}"), 5.0);
     }
@@ -170,7 +176,7 @@ fn agent_with_a_wrong_key_never_appears_and_is_counted() {
     let cluster = Cluster::start(3, |_| {}).unwrap();
     converge(&cluster, Duration::from_secs(5));
     let other = write_keyring(cluster.dir(), "other.keys", &[gossip_keygen()]);
-    let mut spec = AgentSpec::loopback("intruder", &other);
+    let mut spec = AgentSpec::loopback("intruder", &other, &cluster.pki);
     spec.seeds = vec![
         cluster.agents[0].spec.gossip_addr(),
         cluster.agents[1].spec.gossip_addr(),

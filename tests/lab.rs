@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use weft_tests::agent::{AgentSpec, TestAgent, gossip_keygen, wait_until, write_keyring};
+use weft_tests::agent::{
+    AgentSpec, Pki, TOKEN_SCOPE, TestAgent, gossip_keygen, wait_until, write_keyring,
+};
 use weft_tests::lab::Lab;
 
 const HOSTS: usize = 5;
@@ -19,9 +21,22 @@ fn partitioned_host_is_dead_everywhere_else_and_alive_after_heal() {
         .unwrap();
     let keyring = write_keyring(dir.path(), "gossip.keys", &[gossip_keygen()]);
     let seed = format!("{}:7401", lab.host_addr(1));
+    let pki = Pki::new(dir.path());
     let agents: Vec<TestAgent> = (1..=HOSTS)
         .map(|i| {
-            let mut spec = AgentSpec::loopback(&format!("h{i}"), &keyring);
+            let mut spec = AgentSpec::loopback(&format!("h{i}"), &keyring, &pki);
+            if i == 1 {
+                spec.ca = Some(pki.intermediate("h1"));
+            } else {
+                let token = dir.path().join(format!("h{i}.token"));
+                pki.write_token(
+                    &token,
+                    &format!("h{i}"),
+                    TOKEN_SCOPE,
+                    Duration::from_secs(3600),
+                );
+                spec.join_token = Some(token);
+            }
             spec.ip = lab.host_addr(i).to_string();
             spec.gossip_port = 7401;
             spec.tunnel_port = 7402;

@@ -26,12 +26,12 @@ const P256_OID: &str = "1.2.840.10045.3.1.7";
 #[derive(Debug, thiserror::Error)]
 pub enum BundleError {
     /// The file could not be read.
-    #[error("cannot read trust bundle {path}: {source}")]
+    #[error("cannot read trust bundle {path}: {error}")]
     Read {
         /// The file.
         path: String,
         /// Why.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// No certificate was found.
     #[error("trust bundle holds no CA certificate")]
@@ -108,9 +108,9 @@ impl TrustBundle {
 
     /// Reads a PEM bundle file.
     pub fn load_pem(trust_domain: TrustDomain, path: &Path) -> Result<TrustBundle, BundleError> {
-        let pem = std::fs::read(path).map_err(|source| BundleError::Read {
+        let pem = std::fs::read(path).map_err(|error| BundleError::Read {
             path: path.display().to_string(),
-            source,
+            error,
         })?;
         TrustBundle::from_pem(trust_domain, &pem)
     }

@@ -53,12 +53,12 @@ pub enum PkiError {
     #[error("certificate generation failed: {0}")]
     Generate(#[from] rcgen::Error),
     /// A file could not be read or written.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         /// The file.
         path: PathBuf,
         /// Why.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A file exists where we would write, and we never overwrite keys.
     #[error("{0} already exists; refusing to overwrite key material (choose another --out)")]
@@ -209,9 +209,9 @@ pub fn init(
     )
     .signed_by(&operator_key, &root_issuer)?;
 
-    std::fs::create_dir_all(out).map_err(|source| PkiError::Io {
+    std::fs::create_dir_all(out).map_err(|error| PkiError::Io {
         path: out.to_path_buf(),
-        source,
+        error,
     })?;
     write_private(&out.join(ROOT_KEY), &root_issuer.key().serialize_pem())?;
     write_public(&out.join(ROOT_CERT), &pem_certificate(&root_der))?;
@@ -271,9 +271,9 @@ pub fn intermediate(
         Some(0),
     );
     let cert = params.signed_by(&key, &root.issuer)?;
-    std::fs::create_dir_all(out).map_err(|source| PkiError::Io {
+    std::fs::create_dir_all(out).map_err(|error| PkiError::Io {
         path: out.to_path_buf(),
-        source,
+        error,
     })?;
     write_private(&out.join(CA_KEY), &key.serialize_pem())?;
     write_public(&out.join(CA_CERT), &pem_certificate(cert.der()))?;
@@ -306,9 +306,9 @@ pub fn leaf_params(
 }
 
 fn read(path: &Path) -> Result<String, PkiError> {
-    std::fs::read_to_string(path).map_err(|source| PkiError::Io {
+    std::fs::read_to_string(path).map_err(|error| PkiError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     })
 }
 
@@ -322,9 +322,9 @@ fn refuse_existing(path: &Path) -> Result<(), PkiError> {
 
 /// Writes a secret with mode 0600 from the first byte (never world-readable, even briefly).
 pub fn write_private(path: &Path, contents: &str) -> Result<(), PkiError> {
-    let io = |source| PkiError::Io {
+    let io = |error| PkiError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     };
     let mut file = std::fs::OpenOptions::new()
         .write(true)
@@ -341,9 +341,9 @@ pub fn write_private(path: &Path, contents: &str) -> Result<(), PkiError> {
 
 /// Writes a public file (certificate, bundle) with mode 0644.
 pub fn write_public(path: &Path, contents: &str) -> Result<(), PkiError> {
-    let io = |source| PkiError::Io {
+    let io = |error| PkiError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     };
     std::fs::write(path, contents).map_err(io)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).map_err(io)

@@ -76,12 +76,12 @@ pub enum KeyringError {
         fingerprint: String,
     },
     /// The keyring file could not be opened or read.
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {error}", path.display())]
     Read {
         /// The file.
         path: PathBuf,
         /// What the OS said.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The keyring file lets users other than its owner read or write it.
     #[error(
@@ -209,9 +209,9 @@ impl Keyring {
     /// permission; errors name the file and the line.
     pub fn load(path: impl AsRef<Path>) -> Result<Self, KeyringError> {
         let path = path.as_ref();
-        let read_error = |source| KeyringError::Read {
+        let read_error = |error| KeyringError::Read {
             path: path.to_path_buf(),
-            source,
+            error,
         };
         // Check the mode of the handle we read, not of the path, so a swap between the
         // check and the read cannot slip in a world-readable file.

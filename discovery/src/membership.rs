@@ -30,12 +30,12 @@ use crate::transport::{SealConfig, SealedTransport};
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {
     /// The gossip socket could not be opened.
-    #[error("failed to start gossip on {addr}: {source}")]
+    #[error("failed to start gossip on {addr}: {error}")]
     Start {
         /// Address we tried to bind.
         addr: SocketAddr,
         /// What chitchat or the OS said.
-        source: anyhow::Error,
+        error: anyhow::Error,
     },
     /// A health update named a service this agent does not publish.
     #[error("service {0} is not published by this agent")]
@@ -97,6 +97,11 @@ impl Membership {
             seed_nodes: config.seeds.clone(),
             failure_detector_config: FailureDetectorConfig {
                 initial_interval: config.interval,
+                // Heartbeat gaps longer than `max_interval` are dropped as samples; keep it well
+                // above the round period when operators lengthen the interval.
+                max_interval: FailureDetectorConfig::default()
+                    .max_interval
+                    .max(config.interval * 10),
                 dead_node_grace_period: config.dead_grace,
                 ..FailureDetectorConfig::default()
             },
@@ -120,9 +125,9 @@ impl Membership {
         let transport = SealedTransport::new(keyring, metrics.clone(), config.seal.clone());
         let chitchat = spawn_chitchat(chitchat_config, initial, &transport)
             .await
-            .map_err(|source| DiscoveryError::Start {
+            .map_err(|error| DiscoveryError::Start {
                 addr: config.bind,
-                source,
+                error,
             })?;
         info!(node = %node.name, generation, bind = %config.bind, seeds = ?config.seeds, "joined gossip");
 
@@ -143,6 +148,18 @@ impl Membership {
             stop_refresh,
             refresh_task,
         })
+    }
+
+    /// Resolves if the gossip server stops on its own (an error, or a panic inside chitchat,
+    /// e.g. past the digest size limit): an agent must not keep running with a frozen view.
+    pub fn failure(&self) -> impl std::future::Future<Output = String> + use<> {
+        let terminated = self.chitchat.termination_watcher();
+        async move {
+            match terminated.await {
+                Ok(()) => "the gossip server stopped".to_string(),
+                Err(e) => format!("the gossip server failed: {e}"),
+            }
+        }
     }
 
     /// A handle to the catalog, for readers anywhere in the agent.
@@ -414,6 +431,50 @@ mod tests {
         assert!(!tracker.is_joining(&id("a"), false, t0 + round, round));
         tracker.retain(|_| false);
         assert!(tracker.is_joining(&id("a"), false, t0 + round * 2, round));
+    }
+
+    #[tokio::test]
+    async fn a_gossip_server_that_dies_is_reported() {
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let config = MembershipConfig {
+            cluster: "test".into(),
+            bind: addr,
+            seeds: Vec::new(),
+            interval: Duration::from_millis(100),
+            dead_grace: Duration::from_secs(60),
+            seal: SealConfig::default(),
+        };
+        let node = NodeRecord {
+            name: "a".into(),
+            gossip_addr: addr,
+            tunnel_addr: addr,
+            labels: Default::default(),
+            roles: Vec::new(),
+            version: "test".into(),
+            policy_version: 0,
+            started_at: 0,
+        };
+        let keyring = crate::Keyring::single(crate::GossipKey::generate()).into_shared();
+        let membership = Membership::start(
+            config,
+            node,
+            BTreeMap::new(),
+            keyring,
+            GossipMetrics::unregistered(),
+        )
+        .await
+        .unwrap();
+        let failure = membership.failure();
+        membership.chitchat.abort(); // what a panic inside chitchat's task amounts to
+        let reason = tokio::time::timeout(Duration::from_secs(5), failure)
+            .await
+            .expect("failure reported");
+        assert!(reason.contains("gossip server failed"), "{reason}");
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
@@ -42,6 +42,14 @@ async fn demo(base: u16) -> anyhow::Result<()> {
     std::fs::write(&keyring, format!("{}\n", GossipKey::generate().to_base64()))?;
     std::fs::set_permissions(&keyring, std::fs::Permissions::from_mode(0o600))?;
 
+    // A real PKI, as an operator makes it: root and operator credential, an intermediate for
+    // the CA host node-1, and join tokens for node-2 and node-3.
+    let td = weft_ca::TrustDomain::new("demo.weft")?;
+    let pki = dir.path().join("pki");
+    weft_ca::pki::init(&td, "demo", &pki)?;
+    weft_ca::pki::intermediate(&td, &pki, NODES[0], &dir.path().join("ca"))?;
+    let operator = weft_ca::OperatorCredential::load(&pki)?;
+
     let web = serve_demo_http(base + 31, "hello from web on node-1\n").await?;
     let api = serve_demo_http(base + 32, "hello from api on node-2\n").await?;
     let db = serve_echo(base + 33).await?;
@@ -52,20 +60,36 @@ async fn demo(base: u16) -> anyhow::Result<()> {
     ];
 
     println!(
-        "Weft demo: 3 agents on 127.0.0.1, gossip sealed with a fresh key, files in {}",
+        "Weft demo: 3 agents on 127.0.0.1, gossip sealed with a fresh key, node-1 a CA host, files in {}",
         dir.path().display()
     );
     let started = Instant::now();
     let mut controls = Vec::new();
     let mut tasks = Vec::new();
     let mut first_catalog = None;
+    let mut shared = Vec::new();
     for (i, node) in NODES.iter().enumerate() {
         let port = |offset: u16| base + (i as u16) * 10 + offset;
         let (service, protocol, addr, check) = apps[i];
+        let token = dir.path().join(format!("{node}.token"));
+        let ca_section = if i == 0 {
+            format!(
+                "[ca]\nenabled = true\ncert = \"{0}/ca/ca.pem\"\nkey = \"{0}/ca/ca.key\"\n\n",
+                dir.path().display()
+            )
+        } else {
+            let services = [format!("default/{service}")];
+            std::fs::write(
+                &token,
+                operator.create_token(node, &services, Duration::from_secs(600))?,
+            )?;
+            String::new()
+        };
         let text = format!(
             "[node]\nname = \"{node}\"\ntrust_domain = \"demo.weft\"\ndata_dir = \"{dir}/{node}\"\nlabels = {{ zone = \"zone-{zone}\" }}\n\n\
              [gossip]\nbind = \"127.0.0.1:{gossip}\"\nseeds = [\"127.0.0.1:{seed}\"]\nkeyring = \"{keyring}\"\ninterval = \"200ms\"\n\n\
              [tunnel]\nbind = \"127.0.0.1:{tunnel}\"\n\n[admin]\nsocket = \"{dir}/{node}.sock\"\nhttp = \"127.0.0.1:{http}\"\n\n\
+             [identity]\ntrust_bundle = \"{dir}/pki/root.pem\"\njoin_token = \"{token}\"\n\n{ca_section}\
              [[service]]\nname = \"{service}\"\nport = {app_port}\nprotocol = \"{protocol}\"\ncheck = {{ {check}, interval = \"1s\", timeout = \"500ms\" }}\n",
             dir = dir.path().display(),
             zone = i % 2 + 1,
@@ -75,6 +99,7 @@ async fn demo(base: u16) -> anyhow::Result<()> {
             tunnel = port(2),
             http = port(0),
             app_port = addr.port(),
+            token = token.display(),
         );
         let path = dir.path().join(format!("{node}.toml"));
         std::fs::write(&path, text)?;
@@ -88,6 +113,7 @@ async fn demo(base: u16) -> anyhow::Result<()> {
         if first_catalog.is_none() {
             first_catalog = Some(agent.shared().catalog.clone());
         }
+        shared.push(agent.shared());
         let (control, control_rx) = mpsc::channel(2);
         controls.push(control);
         tasks.push(tokio::spawn(agent.run(control_rx)));
@@ -95,6 +121,8 @@ async fn demo(base: u16) -> anyhow::Result<()> {
 
     let mut catalog = first_catalog.expect("three agents started");
     let mut converged = false;
+    let mut identified = false;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
     let mut last_shown = String::new();
     loop {
         let shown = render(&catalog.current());
@@ -105,7 +133,24 @@ async fn demo(base: u16) -> anyhow::Result<()> {
             );
             last_shown = shown;
         }
-        if !converged && is_converged(&catalog.current()) {
+        if !identified && shared.iter().all(|s| s.is_ready()) {
+            identified = true;
+            println!(
+                "\n[+{:>5} ms] every agent holds its SPIFFE identities (node-1 issued them):",
+                started.elapsed().as_millis()
+            );
+            for agent in &shared {
+                let ids = agent.identities.load();
+                for svid in ids.node.iter().chain(ids.services.values()) {
+                    println!(
+                        "  {:<42} expires {}",
+                        svid.id.to_string(),
+                        weft_ca::verify::format_utc(svid.not_after)
+                    );
+                }
+            }
+        }
+        if !converged && identified && is_converged(&catalog.current()) {
             converged = true;
             println!(
                 "converged in {} ms: 3 members alive, 3 services passing.",
@@ -124,7 +169,8 @@ async fn demo(base: u16) -> anyhow::Result<()> {
                 "  weft gossip keys --socket {}/node-3.sock",
                 dir.path().display()
             );
-            println!("  curl -s 127.0.0.1:{}/metrics | grep weft_gossip", base);
+            println!("  weft certs --socket {}/node-2.sock", dir.path().display());
+            println!("  curl -s 127.0.0.1:{base}/metrics | grep -E 'weft_gossip_members|weft_ca_'");
             println!(
                 "Press Ctrl-C to stop (the agents leave gracefully and {} is removed).",
                 dir.path().display()
@@ -134,6 +180,7 @@ async fn demo(base: u16) -> anyhow::Result<()> {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             changed = catalog.changed() => if changed.is_err() { break },
+            _ = tick.tick(), if !identified => {}
         }
     }
     println!("\nstopping: each agent announces it is leaving");

@@ -174,6 +174,9 @@ enum Kind {
     Sealed,
 }
 
+/// A table row: label, how to read the figure from a run, unit.
+type Row<'a> = (&'a str, &'a dyn Fn(&RunResult) -> f64, &'a str);
+
 /// One run's figures.
 struct RunResult {
     converge_ms: f64,
@@ -299,7 +302,7 @@ async fn run_cluster(kind: Kind) -> anyhow::Result<RunResult> {
         converge_ms,
         messages_per_s: messages as f64 / secs,
         plaintext_bytes_per_s: bytes as f64 / secs,
-        wire_bytes_per_s: (kind == Kind::Sealed).then(|| wire as f64 / secs),
+        wire_bytes_per_s: (kind == Kind::Sealed).then(|| wire / secs),
         cpu_us_per_message: cpu.as_secs_f64() * 1e6 / messages.max(1) as f64,
     })
 }
@@ -338,7 +341,7 @@ async fn cluster_section() -> anyhow::Result<String> {
         INTERVAL.as_millis(),
         STEADY.as_secs()
     );
-    let rows: [(&str, &dyn Fn(&RunResult) -> f64, &str); 4] = [
+    let rows: [Row; 4] = [
         (
             "convergence (all nodes, all key-values)",
             &|r| r.converge_ms,

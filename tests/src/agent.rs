@@ -87,13 +87,21 @@ pub struct AgentSpec {
     pub interval: String,
     /// Dead-member grace period, e.g. `"1h"`.
     pub dead_grace: String,
+    /// Trust bundle file.
+    pub trust_bundle: PathBuf,
+    /// Join token file (agents that are not CA hosts).
+    pub join_token: Option<PathBuf>,
+    /// Intermediate certificate and key, when this agent is a CA host.
+    pub ca: Option<(PathBuf, PathBuf)>,
+    /// Service lifetime to ask for, e.g. `"1h"`.
+    pub svid_ttl: String,
     /// Extra TOML appended verbatim (e.g. `[[service]]` tables).
     pub extra: String,
 }
 
 impl AgentSpec {
-    /// A loopback agent with free ports, default timings and no services.
-    pub fn loopback(name: &str, keyring: &Path) -> AgentSpec {
+    /// A loopback agent with free ports, default timings and no services, trusting `pki`.
+    pub fn loopback(name: &str, keyring: &Path, pki: &Pki) -> AgentSpec {
         AgentSpec {
             name: name.into(),
             ip: "127.0.0.1".into(),
@@ -104,6 +112,10 @@ impl AgentSpec {
             keyring: keyring.to_path_buf(),
             interval: "500ms".into(),
             dead_grace: "1h".into(),
+            trust_bundle: pki.bundle(),
+            join_token: None,
+            ca: None,
+            svid_ttl: "1h".into(),
             extra: String::new(),
         }
     }
@@ -116,23 +128,83 @@ impl AgentSpec {
     /// The config file text.
     pub fn config_text(&self, dir: &Path) -> String {
         let seeds: Vec<String> = self.seeds.iter().map(|s| format!("\"{s}\"")).collect();
-        format!(
-            "[node]\nname = \"{name}\"\ntrust_domain = \"test.weft\"\ndata_dir = \"{dir}/{name}-data\"\n\n\
+        let token = self
+            .join_token
+            .clone()
+            .unwrap_or_else(|| dir.join(format!("{}.token", self.name)));
+        let mut identity = format!(
+            "[identity]\ntrust_bundle = \"{}\"\njoin_token = \"{}\"\nsvid_ttl = \"{}\"\n\n",
+            self.trust_bundle.display(),
+            token.display(),
+            self.svid_ttl
+        );
+        if let Some((cert, key)) = &self.ca {
+            identity.push_str(&format!(
+                "[ca]\nenabled = true\ncert = \"{}\"\nkey = \"{}\"\n\n",
+                cert.display(),
+                key.display()
+            ));
+        }
+        identity
+            + &format!(
+                "[node]\nname = \"{name}\"\ntrust_domain = \"test.weft\"\ndata_dir = \"{dir}/{name}-data\"\n\n\
              [gossip]\nbind = \"{ip}:{gp}\"\nseeds = [{seeds}]\nkeyring = \"{keyring}\"\ninterval = \"{interval}\"\ndead_grace = \"{grace}\"\n\n\
              [tunnel]\nbind = \"{ip}:{tp}\"\n\n[admin]\nsocket = \"{dir}/{name}.sock\"\nhttp = \"127.0.0.1:{hp}\"\n\n\
              [log]\nlevel = \"info,weft_discovery=debug\"\n\n{extra}",
-            name = self.name,
-            dir = dir.display(),
-            ip = self.ip,
-            gp = self.gossip_port,
-            tp = self.tunnel_port,
-            hp = self.http_port,
-            seeds = seeds.join(", "),
-            keyring = self.keyring.display(),
-            interval = self.interval,
-            grace = self.dead_grace,
-            extra = self.extra,
+                name = self.name,
+                dir = dir.display(),
+                ip = self.ip,
+                gp = self.gossip_port,
+                tp = self.tunnel_port,
+                hp = self.http_port,
+                seeds = seeds.join(", "),
+                keyring = self.keyring.display(),
+                interval = self.interval,
+                grace = self.dead_grace,
+                extra = self.extra,
+            )
+    }
+}
+
+/// A real PKI for a test mesh (trust domain `test.weft`), made with the same code as
+/// `weft ca init`, `weft ca intermediate` and `weft token create`.
+pub struct Pki {
+    dir: PathBuf,
+}
+
+impl Pki {
+    /// Creates the root and operator credential in `dir/pki`.
+    pub fn new(dir: &Path) -> Pki {
+        let root = dir.join("pki");
+        let td = weft_ca::TrustDomain::new("test.weft").expect("valid trust domain");
+        weft_ca::pki::init(&td, "tester", &root).expect("create test root");
+        Pki { dir: root }
+    }
+
+    /// The root certificate (trust bundle).
+    pub fn bundle(&self) -> PathBuf {
+        self.dir.join(weft_ca::pki::ROOT_CERT)
+    }
+
+    /// Makes CA host `name` an intermediate; returns its certificate and key paths.
+    pub fn intermediate(&self, name: &str) -> (PathBuf, PathBuf) {
+        let td = weft_ca::TrustDomain::new("test.weft").expect("valid trust domain");
+        let out = self.dir.join(format!("ca-{name}"));
+        weft_ca::pki::intermediate(&td, &self.dir, name, &out).expect("create intermediate");
+        (
+            out.join(weft_ca::pki::CA_CERT),
+            out.join(weft_ca::pki::CA_KEY),
         )
+    }
+
+    /// Writes a join token for `node` and `services` (`ns/name`) valid for `ttl` to `path`.
+    pub fn write_token(&self, path: &Path, node: &str, services: &[&str], ttl: Duration) {
+        let operator = weft_ca::OperatorCredential::load(&self.dir).expect("operator credential");
+        let services: Vec<String> = services.iter().map(|s| s.to_string()).collect();
+        let token = operator
+            .create_token(node, &services, ttl)
+            .expect("create token");
+        std::fs::write(path, token).expect("write token");
     }
 }
 
@@ -405,6 +477,9 @@ pub fn wait_until(timeout: Duration, mut check: impl FnMut() -> bool) -> Option<
     }
 }
 
+/// Services every test join token allows.
+pub const TOKEN_SCOPE: &[&str] = &["default/api", "default/orders", "default/web", "default/db"];
+
 /// A group of agents sharing one temp dir and keyring.
 pub struct Cluster {
     /// The agents, in start order.
@@ -413,22 +488,33 @@ pub struct Cluster {
     pub keyring: PathBuf,
     /// The keys in the keyring, primary first.
     pub keys: Vec<String>,
+    /// The test PKI.
+    pub pki: Pki,
     dir: tempfile::TempDir,
 }
 
 impl Cluster {
-    /// Starts `n` loopback agents named `a1..aN`, all seeded with `a1`. `tune` may adjust each
-    /// spec (services, timings) before start.
+    /// Starts `n` loopback agents named `a1..aN`, all seeded with `a1`. `a1` is a CA host;
+    /// every other agent gets a join token for the services [`TOKEN_SCOPE`] lists. `tune` may
+    /// adjust each spec (services, timings) before start.
     pub fn start(n: usize, mut tune: impl FnMut(&mut AgentSpec)) -> anyhow::Result<Cluster> {
         let dir = tempfile::Builder::new().prefix("weft-test-").tempdir()?;
         let keys = vec![gossip_keygen()];
         let keyring = write_keyring(dir.path(), "gossip.keys", &keys);
+        let pki = Pki::new(dir.path());
         let mut specs: Vec<AgentSpec> = (1..=n)
-            .map(|i| AgentSpec::loopback(&format!("a{i}"), &keyring))
+            .map(|i| AgentSpec::loopback(&format!("a{i}"), &keyring, &pki))
             .collect();
         let seed = specs[0].gossip_addr();
-        for spec in &mut specs {
+        for (i, spec) in specs.iter_mut().enumerate() {
             spec.seeds = vec![seed.clone()];
+            if i == 0 {
+                spec.ca = Some(pki.intermediate(&spec.name));
+            } else {
+                let token = dir.path().join(format!("{}.token", spec.name));
+                pki.write_token(&token, &spec.name, TOKEN_SCOPE, Duration::from_secs(3600));
+                spec.join_token = Some(token);
+            }
             tune(spec);
         }
         let agents = specs
@@ -439,6 +525,7 @@ impl Cluster {
             agents,
             keyring,
             keys,
+            pki,
             dir,
         })
     }
@@ -457,6 +544,13 @@ impl Cluster {
                     .all(|name| states.iter().any(|(n, s)| n == name && s == "alive"))
             })
         })
+    }
+
+    /// Whether every agent reports `/ready` (identities held).
+    pub fn all_ready(&self) -> bool {
+        self.agents
+            .iter()
+            .all(|a| a.http_get("/ready").is_ok_and(|(status, _)| status == 200))
     }
 
     /// Names of all agents.

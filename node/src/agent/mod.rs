@@ -234,11 +234,20 @@ impl Agent {
     }
 
     /// Runs until a [`Control::Stop`] arrives (or the control channel closes), then leaves.
-    pub async fn run(mut self, mut control: mpsc::Receiver<Control>) {
+    /// Returns an error, after stopping, if gossip failed underneath the agent.
+    pub async fn run(mut self, mut control: mpsc::Receiver<Control>) -> anyhow::Result<()> {
         let mut publish = tokio::time::interval(REDEEMED_PUBLISH_INTERVAL);
         let mut published: Vec<String> = Vec::new();
+        let gossip_failure = self.membership.failure();
+        tokio::pin!(gossip_failure);
+        let mut failure = None;
         loop {
             tokio::select! {
+                reason = &mut gossip_failure => {
+                    tracing::error!(%reason, "gossip stopped underneath the agent; stopping so the service manager restarts it");
+                    failure = Some(reason);
+                    break;
+                }
                 message = control.recv() => match message {
                     Some(Control::Reload) => self.reload().await,
                     Some(Control::Stop) | None => break,
@@ -254,6 +263,10 @@ impl Agent {
             }
         }
         self.stop().await;
+        match failure {
+            Some(reason) => Err(anyhow::anyhow!(reason)),
+            None => Ok(()),
+        }
     }
 
     async fn apply_health(&mut self, result: CheckResult) {

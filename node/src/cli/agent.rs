@@ -34,8 +34,7 @@ pub(super) fn run(config_path: &Path) -> anyhow::Result<()> {
                 break;
             }
         }
-        running.await.context("agent task failed")?;
-        Ok(())
+        running.await.context("agent task failed")?
     })
 }
 

@@ -250,19 +250,19 @@ impl IdentityContext {
             }
         };
 
-        if let Some(ca) = &self.ca {
-            if current.ca_server.as_ref().is_none_or(|s| s.due(now)) {
-                let id = ca_server_id(&self.trust_domain, &self.node_name)?;
-                let (key, issued) = ca.issue_local(&id, CA_SERVER_TTL, None)?;
-                let held = Arc::new(HeldSvid::new(
-                    issued.chain,
-                    &key.serialize_pem(),
-                    &self.bundle,
-                    &id,
-                )?);
-                self.resolver.set(ALPN_CA, held.key.clone());
-                self.publish(|ids| ids.ca_server = Some(held.clone()));
-            }
+        if let Some(ca) = &self.ca
+            && current.ca_server.as_ref().is_none_or(|s| s.due(now))
+        {
+            let id = ca_server_id(&self.trust_domain, &self.node_name)?;
+            let (key, issued) = ca.issue_local(&id, CA_SERVER_TTL, None)?;
+            let held = Arc::new(HeldSvid::new(
+                issued.chain,
+                &key.serialize_pem(),
+                &self.bundle,
+                &id,
+            )?);
+            self.resolver.set(ALPN_CA, held.key.clone());
+            self.publish(|ids| ids.ca_server = Some(held.clone()));
         }
 
         let mut first_error = None;
@@ -321,56 +321,39 @@ impl IdentityContext {
         wanted: &[ServiceKey],
     ) -> anyhow::Result<HeldSvid> {
         let files = SvidFiles::node(&self.data_dir);
-        if held.is_none() {
-            if let Some((chain, key)) = files.load() {
-                match HeldSvid::new(chain, &key, &self.bundle, id) {
-                    Ok(svid) if svid.not_after > SystemTime::now() => return Ok(svid),
-                    Ok(_) => {
-                        warn!(path = %files.cert.display(), "stored node identity expired; a new join token is needed")
-                    }
-                    Err(e) => {
-                        warn!(path = %files.cert.display(), error = %format!("{e:#}"), "stored node identity unusable")
-                    }
-                }
-            }
+        if held.is_none()
+            && let Some(svid) = self.stored(&files, id)
+        {
+            return Ok(svid);
         }
-        let result = if let Some(ca) = &self.ca {
-            let scope = NodeScope::new(wanted.iter().map(|s| s.to_string()));
-            ca.issue_local(id, self.node_svid_ttl, Some(&scope))
-                .map_err(anyhow::Error::from)
-                .and_then(|(key, issued)| Ok((issued.chain, key.serialize_pem())))
-        } else {
-            let (key, csr) = csr_for(id)?;
-            let request = match held {
-                Some(_) => CaRequest::RenewNode { csr },
-                None => {
-                    let token = std::fs::read_to_string(&self.join_token).with_context(|| {
-                        format!(
-                            "no node identity in {} and no join token at {} (create one with `weft token create`)",
-                            self.data_dir.display(),
-                            self.join_token.display()
-                        )
-                    })?;
-                    CaRequest::Redeem {
-                        token: token.trim().to_string(),
-                        csr,
-                    }
-                }
-            };
-            self.ask_ca_hosts(&request, held.map(|h| h.key.clone()))
-                .await
-                .map(|chain| (chain, key.serialize_pem()))
+        let scope = NodeScope::new(wanted.iter().map(|s| s.to_string()));
+        let request = |csr| -> anyhow::Result<CaRequest> {
+            if held.is_some() {
+                return Ok(CaRequest::RenewNode { csr });
+            }
+            let token = std::fs::read_to_string(&self.join_token).with_context(|| {
+                format!(
+                    "no node identity in {} and no join token at {} (create one with `weft token create`)",
+                    self.data_dir.display(),
+                    self.join_token.display()
+                )
+            })?;
+            Ok(CaRequest::Redeem {
+                token: token.trim().to_string(),
+                csr,
+            })
         };
-        self.metrics.attempt("node", result.is_ok());
-        let (chain, key) = result?;
-        let svid = HeldSvid::new(chain, &key, &self.bundle, id)?;
-        files.save(&svid.chain, &key).with_context(|| {
-            format!(
-                "cannot store the node identity in {}",
-                self.data_dir.display()
-            )
-        })?;
-        Ok(svid)
+        let client_cert = held.map(|h| h.key.clone());
+        self.obtain(
+            "node",
+            id,
+            &files,
+            self.node_svid_ttl,
+            Some(&scope),
+            request,
+            client_cert,
+        )
+        .await
     }
 
     /// A service SVID: from disk or from a CA (this host's own, or one found in gossip).
@@ -382,34 +365,80 @@ impl IdentityContext {
     ) -> anyhow::Result<HeldSvid> {
         let id = SpiffeId::service(&self.trust_domain, &service.namespace, &service.name)?;
         let files = SvidFiles::service(&self.data_dir, service);
-        if held.is_none() {
-            if let Some((chain, key)) = files.load() {
-                if let Ok(svid) = HeldSvid::new(chain, &key, &self.bundle, &id) {
-                    if !svid.due(SystemTime::now()) {
-                        return Ok(svid);
-                    }
-                }
-            }
+        if held.is_none()
+            && let Some(svid) = self
+                .stored(&files, &id)
+                .filter(|svid| !svid.due(SystemTime::now()))
+        {
+            return Ok(svid);
         }
-        let result = if let Some(ca) = &self.ca {
-            ca.issue_local(&id, self.svid_ttl, None)
-                .map_err(anyhow::Error::from)
-                .and_then(|(key, issued)| Ok((issued.chain, key.serialize_pem())))
-        } else {
-            let (key, csr) = csr_for(&id)?;
-            let request = CaRequest::Service {
+        let request = |csr| -> anyhow::Result<CaRequest> {
+            Ok(CaRequest::Service {
                 namespace: service.namespace.clone(),
                 name: service.name.clone(),
                 csr,
                 ttl_secs: self.svid_ttl.as_secs(),
-            };
-            self.ask_ca_hosts(&request, Some(node.key.clone()))
-                .await
-                .map(|chain| (chain, key.serialize_pem()))
+            })
         };
-        self.metrics.attempt("service", result.is_ok());
+        self.obtain(
+            "service",
+            &id,
+            &files,
+            self.svid_ttl,
+            None,
+            request,
+            Some(node.key.clone()),
+        )
+        .await
+    }
+
+    /// A usable, unexpired SVID for `id` stored in `files`, if there is one.
+    fn stored(&self, files: &SvidFiles, id: &SpiffeId) -> Option<HeldSvid> {
+        let (chain, key) = files.load()?;
+        match HeldSvid::new(chain, &key, &self.bundle, id) {
+            Ok(svid) if svid.not_after > SystemTime::now() => Some(svid),
+            Ok(_) => {
+                warn!(path = %files.cert.display(), "stored identity expired");
+                None
+            }
+            Err(e) => {
+                warn!(path = %files.cert.display(), error = %format!("{e:#}"), "stored identity unusable");
+                None
+            }
+        }
+    }
+
+    /// Gets an SVID for `id` with a key made here: from this host's own CA when it is a CA
+    /// host, else from a CA host with the request `request` builds around the CSR. Stores it
+    /// in `files` and counts the attempt as `kind`.
+    #[allow(clippy::too_many_arguments)]
+    async fn obtain(
+        &self,
+        kind: &str,
+        id: &SpiffeId,
+        files: &SvidFiles,
+        ttl: Duration,
+        scope: Option<&NodeScope>,
+        request: impl FnOnce(String) -> anyhow::Result<CaRequest>,
+        client_cert: Option<Arc<CertifiedKey>>,
+    ) -> anyhow::Result<HeldSvid> {
+        let result = async {
+            match &self.ca {
+                Some(ca) => {
+                    let (key, issued) = ca.issue_local(id, ttl, scope)?;
+                    Ok((issued.chain, key.serialize_pem()))
+                }
+                None => {
+                    let (key, csr) = csr_for(id)?;
+                    let chain = self.ask_ca_hosts(&request(csr)?, client_cert).await?;
+                    Ok::<_, anyhow::Error>((chain, key.serialize_pem()))
+                }
+            }
+        }
+        .await;
+        self.metrics.attempt(kind, result.is_ok());
         let (chain, key) = result?;
-        let svid = HeldSvid::new(chain, &key, &self.bundle, &id)?;
+        let svid = HeldSvid::new(chain, &key, &self.bundle, id)?;
         files
             .save(&svid.chain, &key)
             .with_context(|| format!("cannot store {id} in {}", self.data_dir.display()))?;
