@@ -14,7 +14,7 @@ use crate::spiffe::{SpiffeId, SpiffeIdError, TrustDomain};
 use crate::tls::{ALPN_CA, SharedBundle, SvidServerVerifier, quic_client_config};
 
 /// How long one request may take, connection included.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The SPIFFE ID a CA host serves the CA protocol with.
 pub fn ca_server_id(trust_domain: &TrustDomain, node: &str) -> Result<SpiffeId, SpiffeIdError> {

@@ -22,9 +22,10 @@ use crate::tls::SharedBundle;
 use crate::token;
 use crate::verify::{Usage, VerifiedSvid, verify_svid};
 
-/// Shortest and longest service SVID lifetimes a CA host grants.
+/// Shortest and longest service SVID lifetimes a CA host grants (below a few minutes is for
+/// tests and drills: every host renews at half the lifetime).
 pub const SERVICE_TTL_RANGE: (Duration, Duration) =
-    (Duration::from_secs(60), Duration::from_secs(30 * 86_400));
+    (Duration::from_secs(10), Duration::from_secs(30 * 86_400));
 
 /// CA-host metrics.
 #[derive(Clone)]

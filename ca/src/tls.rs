@@ -63,6 +63,30 @@ fn algorithms() -> WebPkiSupportedAlgorithms {
     rustls::crypto::ring::default_provider().signature_verification_algorithms
 }
 
+/// Why a peer certificate was rejected, readable in rustls errors (which print the inner error
+/// with `{:?}`, so Debug shows the message too).
+struct PeerRejected(String);
+
+impl fmt::Debug for PeerRejected {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Display for PeerRejected {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for PeerRejected {}
+
+fn rejected(reason: String) -> rustls::Error {
+    rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+        Arc::new(PeerRejected(reason)),
+    )))
+}
+
 /// Checks the peer's chain as an SVID of the bundle for `usage`.
 fn verify_peer(
     bundle: &SharedBundle,
@@ -74,11 +98,7 @@ fn verify_peer(
     let mut chain = Vec::with_capacity(intermediates.len() + 1);
     chain.push(end_entity.clone());
     chain.extend(intermediates.iter().cloned());
-    verify_svid(&chain, &bundle.load(), time_of(now), usage).map_err(|e| {
-        rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
-            Arc::new(e),
-        )))
-    })
+    verify_svid(&chain, &bundle.load(), time_of(now), usage).map_err(|e| rejected(e.to_string()))
 }
 
 /// Server side: client certificates are optional at the TLS layer (a joining agent has none
@@ -173,16 +193,6 @@ impl fmt::Debug for SvidServerVerifier {
     }
 }
 
-/// A server presented a valid SVID with an ID the client did not ask for.
-#[derive(Debug, thiserror::Error)]
-#[error("server presented {id}, but {expected} was required")]
-pub struct UnexpectedPeer {
-    /// What it presented.
-    pub id: SpiffeId,
-    /// What was required.
-    pub expected: String,
-}
-
 impl ServerCertVerifier for SvidServerVerifier {
     fn verify_server_cert(
         &self,
@@ -194,12 +204,10 @@ impl ServerCertVerifier for SvidServerVerifier {
     ) -> Result<ServerCertVerified, rustls::Error> {
         let svid = verify_peer(&self.bundle, end_entity, intermediates, now, Usage::Server)?;
         if !(self.expect)(&svid.id) {
-            return Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::Other(rustls::OtherError(Arc::new(UnexpectedPeer {
-                    id: svid.id,
-                    expected: self.describe.clone(),
-                }))),
-            ));
+            return Err(rejected(format!(
+                "server presented {}, but {} was required",
+                svid.id, self.describe
+            )));
         }
         Ok(ServerCertVerified::assertion())
     }

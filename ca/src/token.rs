@@ -207,6 +207,26 @@ pub fn create(
     services: &[String],
     ttl: Duration,
 ) -> Result<String, TokenError> {
+    create_at(
+        operator_cert_pem,
+        operator_key_pem,
+        node,
+        services,
+        SystemTime::now(),
+        ttl,
+    )
+}
+
+/// [`create`] with an explicit issue time, e.g. to pre-date a token in an expiry drill. The
+/// operator credential must be valid at `issued_at`.
+pub fn create_at(
+    operator_cert_pem: &[u8],
+    operator_key_pem: &[u8],
+    node: &str,
+    services: &[String],
+    issued_at: SystemTime,
+    ttl: Duration,
+) -> Result<String, TokenError> {
     if !(MIN_TTL..=MAX_TTL).contains(&ttl) {
         return Err(TokenError::InvalidTtl(format!(
             "must be between 1 minute and 30 days (got {} s)",
@@ -219,7 +239,7 @@ pub fn create(
     if !matches!(operator.kind(), WeftIdentity::Operator { .. }) {
         return Err(TokenError::NotOperator(operator.to_string()));
     }
-    let now = SystemTime::now();
+    let now = issued_at;
     check_certificate_current(&cert, now)?;
     let key = operator_key(operator_key_pem)?;
     let (_, parsed) = X509Certificate::from_der(cert.as_ref())

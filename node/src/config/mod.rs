@@ -640,11 +640,11 @@ impl RawConfig {
             ));
         }
 
-        let (min_ttl, max_ttl) = (Duration::from_secs(60), Duration::from_secs(30 * 86_400));
+        let (min_ttl, max_ttl) = (Duration::from_secs(10), Duration::from_secs(30 * 86_400));
         if !(min_ttl..=max_ttl).contains(&self.identity.svid_ttl) {
             return Err(source.error_at(
                 KeyPath::parse("identity.svid_ttl"),
-                "must be between 1m and 30d",
+                "must be between 10s and 30d",
             ));
         }
         if self.identity.node_svid_ttl < Duration::from_secs(600)
