@@ -1,0 +1,240 @@
+//! Identities across real agent processes on 127.0.0.1: three CA hosts and three agents get
+//! node and service SVIDs; renewals fail over when a CA host dies; with every CA host down the
+//! agents keep what they hold (and stay ready) while renewal errors are counted; renewals
+//! resume when a CA host returns; a restarted agent needs no token. Times are printed.
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use serde_json::Value;
+use weft_tests::agent::{
+    AgentSpec, Pki, TOKEN_SCOPE, TestAgent, gossip_keygen, wait_until, write_keyring,
+};
+
+/// Service SVID lifetime in these tests: renewals every ~10 s.
+const SVID_TTL: &str = "20s";
+
+struct Mesh {
+    cas: Vec<TestAgent>,
+    agents: Vec<TestAgent>,
+    _dir: tempfile::TempDir,
+}
+
+impl Mesh {
+    fn start(ca_hosts: usize, agents: usize) -> Mesh {
+        let dir = tempfile::Builder::new()
+            .prefix("weft-id-")
+            .tempdir()
+            .unwrap();
+        let keyring = write_keyring(dir.path(), "gossip.keys", &[gossip_keygen()]);
+        let pki = Pki::new(dir.path());
+        let mut specs: Vec<AgentSpec> = (1..=ca_hosts)
+            .map(|i| {
+                let mut spec = AgentSpec::loopback(&format!("c{i}"), &keyring, &pki);
+                spec.ca = Some(pki.intermediate(&spec.name));
+                spec
+            })
+            .collect();
+        let services = ["api", "db", "web"];
+        for i in 1..=agents {
+            let mut spec = AgentSpec::loopback(&format!("a{i}"), &keyring, &pki);
+            let token = dir.path().join(format!("a{i}.token"));
+            pki.write_token(&token, &spec.name, TOKEN_SCOPE, Duration::from_secs(3600));
+            spec.join_token = Some(token);
+            spec.svid_ttl = SVID_TTL.into();
+            spec.extra = format!(
+                "[[service]]\nname = \"{}\"\nport = {}\n",
+                services[(i - 1) % 3],
+                18_000 + i
+            );
+            specs.push(spec);
+        }
+        let seeds: Vec<String> = specs[..ca_hosts]
+            .iter()
+            .map(AgentSpec::gossip_addr)
+            .collect();
+        for spec in &mut specs {
+            spec.seeds = seeds.clone();
+        }
+        let mut started: Vec<TestAgent> = specs
+            .into_iter()
+            .map(|spec| TestAgent::start(spec, dir.path(), &[]).unwrap())
+            .collect();
+        let agents = started.split_off(ca_hosts);
+        Mesh {
+            cas: started,
+            agents,
+            _dir: dir,
+        }
+    }
+
+    fn logs(&self) -> String {
+        self.cas
+            .iter()
+            .chain(&self.agents)
+            .map(|a| format!("----- {} -----\n{}", a.spec.name, a.log()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+fn ready(agent: &TestAgent) -> bool {
+    agent
+        .http_get("/ready")
+        .is_ok_and(|(status, _)| status == 200)
+}
+
+fn certs(agent: &TestAgent) -> Value {
+    agent.cli_json(&["certs"]).unwrap_or(Value::Null)
+}
+
+/// Serial of the identity of `kind` (`node` or `service`) an agent holds.
+fn serial(agent: &TestAgent, kind: &str) -> Option<String> {
+    certs(agent)["identities"]
+        .as_array()?
+        .iter()
+        .find(|i| i["kind"] == kind)
+        .and_then(|i| i["serial"].as_str().map(String::from))
+}
+
+fn renewals(agent: &TestAgent, result: &str) -> f64 {
+    agent.metric(&format!(
+        "weft_identity_renewals_total{{kind=\"service\",result=\"{result}\"}}"
+    ))
+}
+
+#[test]
+fn three_ca_hosts_issue_and_renewals_survive_ca_loss() {
+    let mut mesh = Mesh::start(3, 3);
+    let took = wait_until(Duration::from_secs(15), || {
+        mesh.cas.iter().chain(&mesh.agents).all(ready)
+    })
+    .unwrap_or_else(|| panic!("not every host got its identities\n{}", mesh.logs()));
+    println!("3 CA hosts and 3 agents hold node and service identities after {took:?}");
+    for agent in &mesh.agents {
+        let report = certs(agent);
+        let ids: Vec<&str> = report["identities"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|i| i["id"].as_str())
+            .collect();
+        assert!(
+            ids.contains(&format!("spiffe://test.weft/node/{}", agent.spec.name).as_str()),
+            "{ids:?}"
+        );
+        assert_eq!(ids.len(), 2, "{ids:?}");
+        assert_eq!(report["ca_hosts"].as_array().unwrap().len(), 3);
+        let key = agent
+            .dir
+            .join(format!("{}-data", agent.spec.name))
+            .join("node.key");
+        assert_eq!(
+            std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+            0o600,
+            "{}",
+            key.display()
+        );
+    }
+
+    // One CA host dies: every agent's next renewal still succeeds, through the others.
+    mesh.cas[0].kill9();
+    let before: Vec<_> = mesh.agents.iter().map(|a| serial(a, "service")).collect();
+    let took = wait_until(Duration::from_secs(30), || {
+        mesh.agents
+            .iter()
+            .zip(&before)
+            .all(|(a, old)| serial(a, "service").is_some_and(|s| Some(&s) != old.as_ref()))
+    })
+    .unwrap_or_else(|| panic!("renewals did not fail over after c1 died\n{}", mesh.logs()));
+    println!("with c1 killed, every agent renewed its service SVID within {took:?}");
+    assert!(mesh.agents.iter().all(ready));
+
+    // Every CA host dies: agents keep what they hold and stay ready; renewal errors are counted
+    // and the expiry gauge stops moving (the clock runs toward it).
+    mesh.cas[1].kill9();
+    mesh.cas[2].kill9();
+    let errors_before: Vec<f64> = mesh.agents.iter().map(|a| renewals(a, "error")).collect();
+    let expiry = |a: &TestAgent| {
+        let id = format!("spiffe://test.weft/node/{}", a.spec.name);
+        a.metric(&format!(
+            "weft_certificate_not_after_seconds{{identity=\"{id}\"}}"
+        ))
+    };
+    let node_expiry: Vec<f64> = mesh.agents.iter().map(expiry).collect();
+    let took = wait_until(Duration::from_secs(20), || {
+        mesh.agents
+            .iter()
+            .zip(&errors_before)
+            .all(|(a, before)| renewals(a, "error") > *before)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "no renewal error was counted with every CA host down\n{}",
+            mesh.logs()
+        )
+    });
+    println!(
+        "with every CA host down, each agent counted a failed renewal within {took:?} and stays ready"
+    );
+    assert!(
+        mesh.agents.iter().all(ready),
+        "agents must keep serving on what they hold"
+    );
+    assert_eq!(
+        mesh.agents.iter().map(expiry).collect::<Vec<_>>(),
+        node_expiry
+    );
+
+    // A CA host comes back: renewals resume by themselves.
+    mesh.cas[1].restart().unwrap();
+    let ok_before: Vec<f64> = mesh.agents.iter().map(|a| renewals(a, "ok")).collect();
+    let took = wait_until(Duration::from_secs(40), || {
+        mesh.agents
+            .iter()
+            .zip(&ok_before)
+            .all(|(a, before)| renewals(a, "ok") > *before)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "renewals did not resume after c2 came back\n{}",
+            mesh.logs()
+        )
+    });
+    println!("after c2 restarted, every agent renewed again within {took:?}");
+    assert!(
+        wait_until(Duration::from_secs(10), || mesh.agents.iter().all(ready)).is_some(),
+        "{}",
+        mesh.logs()
+    );
+}
+
+#[test]
+fn restarted_agent_keeps_its_identity_without_the_token() {
+    let mut mesh = Mesh::start(1, 1);
+    assert!(
+        wait_until(Duration::from_secs(15), || ready(&mesh.agents[0])).is_some(),
+        "agent never ready\n{}",
+        mesh.logs()
+    );
+    let node_serial = serial(&mesh.agents[0], "node").unwrap();
+    let issued = mesh.cas[0].metric("weft_ca_issued_total{kind=\"node\",result=\"ok\"}");
+    assert_eq!(issued, 1.0);
+
+    // The token is gone (as if it expired and was cleaned up); the agent restarts.
+    let token = mesh.agents[0].spec.join_token.clone().unwrap();
+    std::fs::remove_file(&token).unwrap();
+    mesh.agents[0].restart().unwrap();
+    let took = wait_until(Duration::from_secs(10), || ready(&mesh.agents[0]))
+        .unwrap_or_else(|| panic!("restarted agent not ready\n{}", mesh.logs()));
+    println!("restarted agent ready again in {took:?} with the identity from data_dir");
+    assert_eq!(
+        serial(&mesh.agents[0], "node").as_deref(),
+        Some(node_serial.as_str())
+    );
+    assert_eq!(
+        mesh.cas[0].metric("weft_ca_issued_total{kind=\"node\",result=\"ok\"}"),
+        1.0,
+        "no new node SVID was needed"
+    );
+}
