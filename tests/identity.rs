@@ -238,3 +238,55 @@ fn restarted_agent_keeps_its_identity_without_the_token() {
         "no new node SVID was needed"
     );
 }
+
+#[test]
+fn sighup_trusts_a_second_root_and_refuses_a_bad_bundle() {
+    let mesh = Mesh::start(1, 1);
+    let agent = &mesh.agents[0];
+    assert!(
+        wait_until(Duration::from_secs(15), || ready(agent)).is_some(),
+        "{}",
+        mesh.logs()
+    );
+    let bundle = agent.spec.trust_bundle.clone();
+    let old_root = std::fs::read_to_string(&bundle).unwrap();
+
+    // Root rotation, step 1: the new root is trusted beside the old one.
+    let next = tempfile::tempdir().unwrap();
+    let new_root = std::fs::read_to_string(Pki::new(next.path()).bundle()).unwrap();
+    std::fs::write(&bundle, format!("{old_root}{new_root}")).unwrap();
+    agent.sighup();
+    assert!(
+        wait_until(Duration::from_secs(5), || agent
+            .metric("weft_config_reloads_total{result=\"ok\"}")
+            == 1.0)
+        .is_some(),
+        "{}",
+        agent.log()
+    );
+    assert!(
+        agent.log().contains("trust bundle changed"),
+        "{}",
+        agent.log()
+    );
+    assert_eq!(certs(agent)["roots"].as_array().map(Vec::len), Some(2));
+
+    // A corrupt bundle is refused as a whole; the running one stays.
+    std::fs::write(
+        &bundle,
+        "-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    agent.sighup();
+    assert!(
+        wait_until(Duration::from_secs(5), || agent
+            .metric("weft_config_reloads_total{result=\"error\"}")
+            == 1.0)
+        .is_some(),
+        "{}",
+        agent.log()
+    );
+    assert!(agent.log().contains("bad trust bundle"), "{}", agent.log());
+    assert_eq!(certs(agent)["roots"].as_array().map(Vec::len), Some(2));
+    assert!(ready(agent));
+}

@@ -1,11 +1,12 @@
-//! SIGHUP: re-read the config file and the keyring; apply what can change live, keep the
-//! running values (and say so) for what needs a restart, and keep everything if either file
-//! is bad.
+//! SIGHUP: re-read the config file, the gossip keyring and the trust bundle; apply what can
+//! change live, keep the running values (and say so) for what needs a restart, and keep
+//! everything if any of the files is bad.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use tracing::{error, info, warn};
+use weft_ca::TrustBundle;
 use weft_discovery::Keyring;
 
 use super::{Agent, service_records};
@@ -28,6 +29,18 @@ impl Agent {
             Ok(keyring) => keyring,
             Err(e) => {
                 error!(error = %e, "config reload refused: bad gossip keyring; the running config stays in force");
+                self.shared.metrics.config_reload(false);
+                return;
+            }
+        };
+
+        let bundle = match TrustBundle::load_pem(
+            running.node.trust_domain.clone(),
+            &running.identity.trust_bundle,
+        ) {
+            Ok(bundle) => bundle,
+            Err(e) => {
+                error!(error = %e, "config reload refused: bad trust bundle; the running config stays in force");
                 self.shared.metrics.config_reload(false);
                 return;
             }
@@ -62,6 +75,15 @@ impl Agent {
                 .set_keyring_fingerprints(&fingerprints)
                 .await;
             info!(keyring = ?fingerprints, "gossip keyring changed");
+        }
+
+        let bundle_changed = bundle.roots() != self.shared.bundle.load().roots();
+        if bundle_changed {
+            info!(
+                roots = bundle.roots().len(),
+                "trust bundle changed; new connections use it"
+            );
+            self.shared.bundle.store(Arc::new(bundle));
         }
 
         if changes.services {
