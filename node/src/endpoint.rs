@@ -1,6 +1,6 @@
 //! The agent's QUIC endpoint on the tunnel port: one UDP socket for every protocol between
-//! agents, told apart by ALPN. Today it serves the CA protocol (`weft-ca/1`) on CA hosts and
-//! carries this agent's own CA requests; the data-plane tunnels (`weft/1`) join it later.
+//! agents, told apart by ALPN: data-plane tunnels (`weft/1`, every agent) and the CA protocol
+//! (`weft-ca/1`, CA hosts). It also carries this agent's own outgoing tunnels and CA requests.
 //!
 //! It is bound before the agent joins gossip, so a port in use fails startup. The server
 //! certificate is chosen per ALPN and swapped on rotation without touching live connections.
@@ -9,11 +9,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::sync::watch;
-use tracing::{debug, warn};
+use tracing::warn;
 use weft_ca::server::CaServer;
 use weft_ca::tls::{
     ALPN_CA, AlpnCertResolver, OptionalSvidClientVerifier, SharedBundle, quic_server_config,
 };
+
+use crate::proxy::tunnel::{ALPN_TUNNEL, transport_config};
+use crate::proxy::{ProxyContext, inbound};
 
 /// Errors opening the endpoint.
 #[derive(Debug, thiserror::Error)]
@@ -36,11 +39,12 @@ impl QuicEndpoint {
     /// Binds `addr`; peers' client certificates are checked against `bundle`.
     pub fn bind(addr: SocketAddr, bundle: SharedBundle) -> Result<QuicEndpoint, EndpointError> {
         let resolver = Arc::new(AlpnCertResolver::default());
-        let config = quic_server_config(
+        let mut config = quic_server_config(
             resolver.clone(),
             OptionalSvidClientVerifier::new(bundle),
-            &[ALPN_CA],
+            &[ALPN_TUNNEL, ALPN_CA],
         )?;
+        config.transport_config(Arc::new(transport_config()));
         let endpoint =
             quinn::Endpoint::server(config, addr).map_err(|e| EndpointError::Bind(addr, e))?;
         Ok(QuicEndpoint { endpoint, resolver })
@@ -57,7 +61,12 @@ impl QuicEndpoint {
     }
 
     /// Accepts connections until `shutdown` turns true, then closes the endpoint.
-    pub async fn serve(self, ca: Option<Arc<CaServer>>, mut shutdown: watch::Receiver<bool>) {
+    pub async fn serve(
+        self,
+        ca: Option<Arc<CaServer>>,
+        proxy: Arc<ProxyContext>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
         loop {
             let incoming = tokio::select! {
                 _ = shutdown.wait_for(|s| *s) => break,
@@ -67,12 +76,14 @@ impl QuicEndpoint {
                 },
             };
             let ca = ca.clone();
+            let proxy = proxy.clone();
             tokio::spawn(async move {
                 let remote = incoming.remote_address();
                 let connection = match incoming.await {
                     Ok(connection) => connection,
                     Err(e) => {
-                        debug!(%remote, error = %e, "QUIC handshake failed");
+                        warn!(%remote, error = %e, "QUIC handshake refused");
+                        proxy.metrics.handshake("server", "refused");
                         return;
                     }
                 };
@@ -81,6 +92,7 @@ impl QuicEndpoint {
                     .and_then(|data| data.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
                     .and_then(|data| data.protocol);
                 match (alpn.as_deref(), ca) {
+                    (Some(ALPN_TUNNEL), _) => inbound::serve(proxy, connection).await,
                     (Some(ALPN_CA), Some(ca)) => ca.serve(connection).await,
                     (alpn, _) => {
                         warn!(%remote, alpn = ?alpn.map(String::from_utf8_lossy), "no service for this protocol here");

@@ -13,6 +13,7 @@ mod endpoint;
 mod health;
 mod identity;
 mod metrics;
+mod proxy;
 mod telemetry;
 
 fn main() -> ExitCode {

@@ -35,7 +35,12 @@ use crate::endpoint::QuicEndpoint;
 use crate::health::{self, CheckResult, HealthChecks};
 use crate::identity::{self, IdentityContext, IdentityMetrics, SharedIdentities};
 use crate::metrics::AgentMetrics;
+use crate::proxy::outbound::Upstreams;
+use crate::proxy::tunnel::TunnelPool;
+use crate::proxy::{ProxyContext, ProxyMetrics};
 use crate::telemetry::LogControl;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// How often a CA host republishes the token ids it redeemed.
 const REDEEMED_PUBLISH_INTERVAL: Duration = Duration::from_millis(250);
@@ -101,6 +106,8 @@ pub struct Agent {
     last_health: BTreeMap<ServiceKey, Health>,
     services_tx: watch::Sender<Vec<ServiceKey>>,
     ca_server: Option<Arc<CaServer>>,
+    proxy: Arc<ProxyContext>,
+    upstreams: Upstreams,
     stop_tx: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     log: Option<LogControl>,
@@ -130,6 +137,8 @@ impl Agent {
             IdentityMetrics::new(metrics.registry()).context("failed to register metrics")?;
         let ca_metrics =
             CaMetrics::new(metrics.registry()).context("failed to register metrics")?;
+        let proxy_metrics =
+            ProxyMetrics::new(metrics.registry()).context("failed to register metrics")?;
 
         // Every listener is bound before anything joins.
         let admin = AdminServer::bind(&config.admin.socket, config.admin.http).await?;
@@ -181,6 +190,22 @@ impl Agent {
             running: AtomicBool::new(true),
         });
         let config = shared.config.load_full();
+        let proxy = Arc::new(ProxyContext {
+            shared: shared.clone(),
+            trust_domain: config.node.trust_domain.clone(),
+            metrics: proxy_metrics.clone(),
+            tunnels: TunnelPool::new(
+                endpoint.quinn(),
+                shared.bundle.clone(),
+                shared.identities.clone(),
+                proxy_metrics,
+            ),
+            connections: TaskTracker::new(),
+            cut: CancellationToken::new(),
+            draining: CancellationToken::new(),
+        });
+        let mut upstreams = Upstreams::new(proxy.clone());
+        upstreams.set(&config.upstreams).await?;
         let (stop_tx, stop_rx) = watch::channel(false);
         let (services_tx, services_rx) =
             watch::channel(config.services.iter().map(|s| s.key.clone()).collect());
@@ -201,7 +226,7 @@ impl Agent {
         };
         let tasks = vec![
             tokio::spawn(admin.serve(shared.clone(), stop_rx.clone())),
-            tokio::spawn(endpoint.serve(ca_server.clone(), stop_rx.clone())),
+            tokio::spawn(endpoint.serve(ca_server.clone(), proxy.clone(), stop_rx.clone())),
             tokio::spawn(identity::run(context, services_rx, stop_rx)),
         ];
         let (results_tx, results_rx) = mpsc::channel(64);
@@ -222,6 +247,8 @@ impl Agent {
             last_health,
             services_tx,
             ca_server,
+            proxy,
+            upstreams,
             stop_tx,
             tasks,
             log,
@@ -295,12 +322,38 @@ impl Agent {
         }
     }
 
-    /// Turns not-ready, leaves gossip, and closes the endpoint and the admin API.
+    /// Drains, then leaves: turns not-ready, stops accepting (listeners close, new tunnel
+    /// streams are refused as draining, local services are marked failing so peers route
+    /// elsewhere), lets connections in flight finish up to `drain_timeout`, cuts the rest,
+    /// leaves gossip, and closes the endpoint and the admin API.
     async fn stop(self) {
-        info!("leaving the mesh");
         self.shared.running.store(false, Ordering::Relaxed);
         self.shared.metrics.set_ready(false);
         drop(self.checks);
+        self.proxy.draining.cancel();
+        for service in self.last_health.keys() {
+            let _ = self.membership.set_health(service, Health::Failing).await;
+        }
+        self.proxy.connections.close();
+        let deadline = self.shared.config.load().node.drain_timeout;
+        info!(connections = self.proxy.connections.len(), deadline = ?deadline, "draining");
+        if tokio::time::timeout(deadline, self.proxy.connections.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                cut = self.proxy.connections.len(),
+                "drain deadline passed; cutting the connections still open"
+            );
+            self.proxy.cut.cancel();
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(2),
+                self.proxy.connections.wait(),
+            )
+            .await;
+        }
+        drop(self.upstreams);
+        info!("leaving the mesh");
         self.membership.leave().await;
         let _ = self.stop_tx.send(true);
         for task in self.tasks {

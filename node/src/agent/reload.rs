@@ -52,6 +52,12 @@ impl Agent {
         }
         let mut applied = (*running).clone();
         applied.services = new.services;
+        if applied.upstreams != new.upstreams {
+            match self.upstreams.set(&new.upstreams).await {
+                Ok(()) => applied.upstreams = new.upstreams,
+                Err(e) => warn!(error = %e, "upstream listeners unchanged"),
+            }
+        }
         applied.log = crate::config::LogConfig {
             level: new.log.level,
             format: running.log.format,

@@ -42,6 +42,28 @@ pub struct Config {
     pub ca: Option<CaHostConfig>,
     /// `[[service]]`: services this host runs.
     pub services: Vec<ServiceConfig>,
+    /// `[[upstream]]`: local ports that reach mesh services.
+    pub upstreams: Vec<UpstreamConfig>,
+    /// `[outbound]`.
+    pub outbound: OutboundConfig,
+}
+
+/// `[[upstream]]`: a local listener whose connections go to a mesh service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamConfig {
+    /// The destination service.
+    pub service: ServiceKey,
+    /// Local address apps connect to.
+    pub listen: SocketAddr,
+    /// The local service the connections act for (their source identity), if any.
+    pub from: Option<ServiceKey>,
+}
+
+/// `[outbound]`: how local apps reach the mesh besides upstream listeners.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboundConfig {
+    /// HTTP proxy address (`HTTP_PROXY`-style), or `None` when turned off.
+    pub http_proxy: Option<SocketAddr>,
 }
 
 /// `[node]`: who this host is.
@@ -55,6 +77,8 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     /// Labels published in gossip (e.g. `zone`).
     pub labels: BTreeMap<String, String>,
+    /// How long in-flight connections may run after SIGTERM before they are cut.
+    pub drain_timeout: Duration,
 }
 
 /// `[gossip]`: membership and discovery.
@@ -237,6 +261,9 @@ impl Config {
         if self.ca != new.ca {
             need_restart.push("ca");
         }
+        if self.outbound != new.outbound {
+            need_restart.push("outbound");
+        }
         ReloadChanges {
             services: self.services != new.services,
             log_level: self.log.level != new.log.level,
@@ -264,6 +291,44 @@ struct RawConfig {
     ca: Option<RawCa>,
     #[serde(default)]
     service: Vec<RawService>,
+    #[serde(default)]
+    upstream: Vec<RawUpstream>,
+    #[serde(default)]
+    outbound: RawOutbound,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    service: String,
+    #[serde(default = "default_namespace")]
+    namespace: String,
+    #[serde(deserialize_with = "socket_addr")]
+    listen: SocketAddr,
+    from: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOutbound {
+    #[serde(default = "default_http_proxy")]
+    http_proxy: String,
+}
+
+impl Default for RawOutbound {
+    fn default() -> Self {
+        RawOutbound {
+            http_proxy: default_http_proxy(),
+        }
+    }
+}
+
+fn default_http_proxy() -> String {
+    "127.0.0.1:7481".into()
+}
+
+fn default_drain_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 
 #[derive(Deserialize)]
@@ -310,6 +375,8 @@ struct RawNode {
     data_dir: PathBuf,
     #[serde(default)]
     labels: BTreeMap<String, String>,
+    #[serde(default = "default_drain_timeout", deserialize_with = "duration")]
+    drain_timeout: Duration,
 }
 
 #[derive(Deserialize)]
@@ -687,6 +754,65 @@ impl RawConfig {
             });
         }
 
+        let mut listens: BTreeMap<SocketAddr, usize> = BTreeMap::new();
+        let mut upstreams = Vec::with_capacity(self.upstream.len());
+        for (i, raw) in self.upstream.into_iter().enumerate() {
+            let at = |field: &str| KeyPath::parse(&format!("upstream.{i}.{field}"));
+            let (namespace, name) = match raw.service.split_once('/') {
+                Some((ns, name)) => (ns.to_string(), name.to_string()),
+                None => (raw.namespace, raw.service),
+            };
+            check_name("service name", &name).map_err(|m| source.error_at(at("service"), m))?;
+            check_name("namespace", &namespace).map_err(|m| source.error_at(at("namespace"), m))?;
+            if raw.listen.port() == 0 {
+                return Err(source.error_at(at("listen"), "needs a fixed port"));
+            }
+            if let Some(first) = listens.insert(raw.listen, i) {
+                return Err(source.error_at(
+                    at("listen"),
+                    format!("{} is already used by upstream[{first}]", raw.listen),
+                ));
+            }
+            let from = match raw.from {
+                Some(from) => {
+                    let key = match from.split_once('/') {
+                        Some((ns, name)) => ServiceKey::new(ns, name),
+                        None => ServiceKey::new("default", from),
+                    };
+                    if !services.iter().any(|s| s.key == key) {
+                        return Err(source.error_at(
+                            at("from"),
+                            format!("{key} is not a [[service]] of this host"),
+                        ));
+                    }
+                    Some(key)
+                }
+                None => None,
+            };
+            upstreams.push(UpstreamConfig {
+                service: ServiceKey::new(namespace, name),
+                listen: raw.listen,
+                from,
+            });
+        }
+        let http_proxy = match self.outbound.http_proxy.as_str() {
+            "off" | "" => None,
+            text => Some(text.parse::<SocketAddr>().map_err(|_| {
+                source.error_at(
+                    KeyPath::parse("outbound.http_proxy"),
+                    format!("{text:?} is not an IP:PORT socket address (or \"off\")"),
+                )
+            })?),
+        };
+        if let Some(addr) = http_proxy
+            && listens.contains_key(&addr)
+        {
+            return Err(source.error_at(
+                KeyPath::parse("outbound.http_proxy"),
+                format!("{addr} is also an upstream listener"),
+            ));
+        }
+
         Ok(Config {
             path: path.to_path_buf(),
             node: NodeConfig {
@@ -694,6 +820,7 @@ impl RawConfig {
                 trust_domain: self.node.trust_domain,
                 data_dir: self.node.data_dir,
                 labels: self.node.labels,
+                drain_timeout: self.node.drain_timeout,
             },
             gossip: GossipConfig {
                 bind: self.gossip.bind,
@@ -724,6 +851,8 @@ impl RawConfig {
             },
             ca,
             services,
+            upstreams,
+            outbound: OutboundConfig { http_proxy },
         })
     }
 }

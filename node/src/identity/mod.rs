@@ -245,6 +245,9 @@ impl IdentityContext {
             held => {
                 let node = Arc::new(self.node_svid(&node_id, held.as_deref(), wanted).await?);
                 info!(id = %node.id, not_after = %weft_ca::verify::format_utc(node.not_after), "node identity held");
+                // Tunnels are served with the node SVID; new handshakes use the new one.
+                self.resolver
+                    .set(crate::proxy::tunnel::ALPN_TUNNEL, node.key.clone());
                 self.publish(|ids| ids.node = Some(node.clone()));
                 node
             }

@@ -1,0 +1,184 @@
+//! Tunnels from other agents to this host's services.
+//!
+//! A connection must present a node SVID (checked in the handshake, required here). Each
+//! stream names its destination and source: the destination must be a service of this host,
+//! the source must be in the sending node's scope, and the authorization hook must allow the
+//! pair. Then the agent connects to the service's local port, answers `ok`, and splices.
+//! Every refusal is answered with its status and reason, and counted.
+
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+use tracing::{debug, warn};
+use weft_ca::{SpiffeId, Usage, VerifiedSvid};
+use weft_discovery::ServiceKey;
+
+use super::header::{self, MAX_FIELD, Status, StreamHeader};
+use super::tunnel::{peer_node, track};
+use super::{CONNECT_TIMEOUT, Direction, HEADER_TIMEOUT, ProxyContext, source_label, splice};
+
+/// Decides whether `source` may reach `destination`. Until policies exist every authenticated
+/// caller is allowed (SPEC §7: a new mesh works); the policy engine replaces this.
+pub fn authorize(_source: &SpiffeId, _destination: &ServiceKey) -> Result<(), String> {
+    Ok(())
+}
+
+/// Serves every stream of one `weft/1` connection.
+pub async fn serve(context: Arc<ProxyContext>, connection: quinn::Connection) {
+    let remote = connection.remote_address();
+    let peer = match peer_node(&connection, &context.shared.bundle, Usage::Client) {
+        Ok(peer) => Arc::new(peer),
+        Err(reason) => {
+            warn!(%remote, %reason, "tunnel refused");
+            context.metrics.handshake("server", "no_node_svid");
+            connection.close(3u32.into(), b"a node SVID is required");
+            return;
+        }
+    };
+    context.metrics.handshake("server", "ok");
+    debug!(%remote, peer = %peer.id, "tunnel accepted");
+    track(connection.clone(), context.metrics.clone());
+    loop {
+        let (send, recv) = tokio::select! {
+            accepted = connection.accept_bi() => match accepted {
+                Ok(stream) => stream,
+                Err(e) => {
+                    debug!(%remote, error = %e, "tunnel ended");
+                    return;
+                }
+            },
+            _ = context.cut.cancelled() => return,
+        };
+        let context_for_stream = context.clone();
+        let peer = peer.clone();
+        context
+            .connections
+            .spawn(async move { stream(context_for_stream, peer, send, recv).await });
+    }
+}
+
+async fn stream(
+    context: Arc<ProxyContext>,
+    peer: Arc<VerifiedSvid>,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let refuse = |status: Status, reason: String| {
+        context
+            .metrics
+            .failure(Direction::Inbound, status.as_label());
+        debug!(peer = %peer.id, status = status.as_label(), %reason, "stream refused");
+        header::encode_reply(status, &reason)
+    };
+    let reply = async {
+        let header = match tokio::time::timeout(HEADER_TIMEOUT, read_header(&mut recv)).await {
+            Ok(Ok(header)) => header,
+            Ok(Err(e)) => return Err(refuse(Status::BadHeader, e)),
+            Err(_) => {
+                return Err(refuse(
+                    Status::BadHeader,
+                    format!("no header within {HEADER_TIMEOUT:?}"),
+                ));
+            }
+        };
+        if context.draining.is_cancelled() {
+            return Err(refuse(Status::Draining, "this agent is draining".into()));
+        }
+        let source_id = match &header.source {
+            Some(source) => {
+                if !peer
+                    .scope
+                    .as_ref()
+                    .is_some_and(|s| s.allows(&source.namespace, &source.name))
+                {
+                    return Err(refuse(
+                        Status::SourceNotAllowed,
+                        format!("{} may not act for {source}", peer.id),
+                    ));
+                }
+                SpiffeId::service(&context.trust_domain, &source.namespace, &source.name)
+                    .map_err(|e| refuse(Status::BadHeader, e.to_string()))?
+            }
+            None => peer.id.clone(),
+        };
+        let config = context.shared.config.load();
+        let Some(service) = config.services.iter().find(|s| s.key == header.destination) else {
+            return Err(refuse(
+                Status::UnknownService,
+                format!("{} does not run on this host", header.destination),
+            ));
+        };
+        authorize(&source_id, &header.destination)
+            .map_err(|reason| refuse(Status::Denied, reason))?;
+        let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(service.address))
+            .await
+        {
+            Ok(Ok(tcp)) => tcp,
+            Ok(Err(e)) => {
+                return Err(refuse(
+                    Status::UpstreamRefused,
+                    format!("{} at {}: {e}", header.destination, service.address),
+                ));
+            }
+            Err(_) => {
+                return Err(refuse(
+                    Status::UpstreamRefused,
+                    format!(
+                        "{} at {} did not accept within {CONNECT_TIMEOUT:?}",
+                        header.destination, service.address
+                    ),
+                ));
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        Ok((header, tcp))
+    }
+    .await;
+    match reply {
+        Err(bytes) => {
+            if send.write_all(&bytes).await.is_ok() {
+                let _ = send.finish();
+                let _ = send.stopped().await;
+            }
+        }
+        Ok((header, mut tcp)) => {
+            if let Err(e) = send.write_all(&header::encode_reply(Status::Ok, "")).await {
+                context.metrics.stream_error("reply_failed");
+                debug!(error = %e, "stream closed before the reply");
+                return;
+            }
+            let source = source_label(header.source.as_ref());
+            let destination = header.destination.to_string();
+            context
+                .metrics
+                .opened(Direction::Inbound, &source, &destination);
+            let mut mesh = tokio::io::join(recv, send);
+            let (read, written) = splice(&mut tcp, &mut mesh, &context.cut).await;
+            context
+                .metrics
+                .closed(Direction::Inbound, &source, &destination, read, written);
+        }
+    }
+}
+
+/// Reads the stream header field by field, never more than its bounded size.
+async fn read_header(recv: &mut quinn::RecvStream) -> Result<StreamHeader, String> {
+    let mut buf = vec![0u8; 4];
+    recv.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
+    for field in 0..2 {
+        let at = buf.len() - 2;
+        let len = u16::from_be_bytes([buf[at], buf[at + 1]]) as usize;
+        if len > MAX_FIELD {
+            return Err(format!("header field of {len} bytes"));
+        }
+        let extra = if field == 0 { len + 2 } else { len };
+        let start = buf.len();
+        buf.resize(start + extra, 0);
+        recv.read_exact(&mut buf[start..])
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    StreamHeader::decode(&buf)
+        .map(|(header, _)| header)
+        .map_err(|e| e.to_string())
+}

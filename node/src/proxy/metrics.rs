@@ -1,0 +1,180 @@
+//! Data-plane metrics: TCP connections and bytes by direction, source and destination service,
+//! failures by reason, and QUIC tunnel handshakes, count, stream errors and round-trip time.
+//! Labels are bounded: service names from config and gossip, fixed reason strings.
+
+use prometheus::{
+    Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry, exponential_buckets,
+};
+
+/// Metrics of the proxy.
+#[derive(Clone)]
+pub struct ProxyMetrics {
+    opened: IntCounterVec,
+    closed: IntCounterVec,
+    read_bytes: IntCounterVec,
+    write_bytes: IntCounterVec,
+    failures: IntCounterVec,
+    handshakes: IntCounterVec,
+    open_tunnels: IntGauge,
+    stream_errors: IntCounterVec,
+    rtt: Histogram,
+}
+
+/// Which way a connection goes, seen from this agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// From a local app into the mesh.
+    Outbound,
+    /// From the mesh to a local service.
+    Inbound,
+}
+
+impl Direction {
+    fn label(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+        }
+    }
+}
+
+impl ProxyMetrics {
+    /// Registers the proxy metrics.
+    pub fn new(registry: &Registry) -> prometheus::Result<ProxyMetrics> {
+        let labels = &["direction", "source", "destination"];
+        let opened = IntCounterVec::new(
+            Opts::new(
+                "weft_tcp_open_total",
+                "TCP connections opened through the mesh.",
+            ),
+            labels,
+        )?;
+        let closed = IntCounterVec::new(
+            Opts::new(
+                "weft_tcp_close_total",
+                "TCP connections through the mesh that ended.",
+            ),
+            labels,
+        )?;
+        let read_bytes = IntCounterVec::new(
+            Opts::new(
+                "weft_tcp_read_bytes_total",
+                "Bytes read from the app-facing socket (outbound: from the local app; inbound: from the local service).",
+            ),
+            labels,
+        )?;
+        let write_bytes = IntCounterVec::new(
+            Opts::new(
+                "weft_tcp_write_bytes_total",
+                "Bytes written to the app-facing socket (outbound: to the local app; inbound: to the local service).",
+            ),
+            labels,
+        )?;
+        let failures = IntCounterVec::new(
+            Opts::new(
+                "weft_tcp_connection_failures_total",
+                "Connections the mesh could not carry, by direction and reason.",
+            ),
+            &["direction", "reason"],
+        )?;
+        let handshakes = IntCounterVec::new(
+            Opts::new(
+                "weft_tunnel_handshakes_total",
+                "QUIC tunnel handshakes by role (client, server) and result.",
+            ),
+            &["role", "result"],
+        )?;
+        let open_tunnels = IntGauge::new(
+            "weft_tunnels_open",
+            "Open QUIC tunnel connections (both roles).",
+        )?;
+        let stream_errors = IntCounterVec::new(
+            Opts::new(
+                "weft_tunnel_stream_errors_total",
+                "Tunnel streams that failed, by reason.",
+            ),
+            &["reason"],
+        )?;
+        let rtt = Histogram::with_opts(
+            HistogramOpts::new(
+                "weft_tunnel_rtt_seconds",
+                "Round-trip time of tunnels as estimated by QUIC, sampled every 5 s.",
+            )
+            .buckets(exponential_buckets(0.000_05, 2.0, 16)?),
+        )?;
+        registry.register(Box::new(opened.clone()))?;
+        registry.register(Box::new(closed.clone()))?;
+        registry.register(Box::new(read_bytes.clone()))?;
+        registry.register(Box::new(write_bytes.clone()))?;
+        registry.register(Box::new(failures.clone()))?;
+        registry.register(Box::new(handshakes.clone()))?;
+        registry.register(Box::new(open_tunnels.clone()))?;
+        registry.register(Box::new(stream_errors.clone()))?;
+        registry.register(Box::new(rtt.clone()))?;
+        Ok(ProxyMetrics {
+            opened,
+            closed,
+            read_bytes,
+            write_bytes,
+            failures,
+            handshakes,
+            open_tunnels,
+            stream_errors,
+            rtt,
+        })
+    }
+
+    /// Counts a connection that started carrying bytes.
+    pub fn opened(&self, direction: Direction, source: &str, destination: &str) {
+        self.opened
+            .with_label_values(&[direction.label(), source, destination])
+            .inc();
+    }
+
+    /// Counts a connection that ended, with the bytes it carried.
+    pub fn closed(
+        &self,
+        direction: Direction,
+        source: &str,
+        destination: &str,
+        read: u64,
+        written: u64,
+    ) {
+        let labels = [direction.label(), source, destination];
+        self.closed.with_label_values(&labels).inc();
+        self.read_bytes.with_label_values(&labels).inc_by(read);
+        self.write_bytes.with_label_values(&labels).inc_by(written);
+    }
+
+    /// Counts a connection the mesh could not carry.
+    pub fn failure(&self, direction: Direction, reason: &str) {
+        self.failures
+            .with_label_values(&[direction.label(), reason])
+            .inc();
+    }
+
+    /// Counts a handshake.
+    pub fn handshake(&self, role: &str, result: &str) {
+        self.handshakes.with_label_values(&[role, result]).inc();
+    }
+
+    /// Tracks the number of open tunnels.
+    pub fn tunnel_opened(&self) {
+        self.open_tunnels.inc();
+    }
+
+    /// Tracks the number of open tunnels.
+    pub fn tunnel_closed(&self) {
+        self.open_tunnels.dec();
+    }
+
+    /// Counts a failed stream.
+    pub fn stream_error(&self, reason: &str) {
+        self.stream_errors.with_label_values(&[reason]).inc();
+    }
+
+    /// Records one RTT sample.
+    pub fn rtt(&self, rtt: std::time::Duration) {
+        self.rtt.observe(rtt.as_secs_f64());
+    }
+}

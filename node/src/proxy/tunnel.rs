@@ -1,0 +1,316 @@
+//! Tunnels to other agents: one pooled QUIC connection per peer address (ALPN `weft/1`,
+//! mutual TLS with node SVIDs), many streams on it, one per app connection.
+//!
+//! Before a stream is opened the peer's verified node SVID must list the destination service
+//! in its scope: gossip may say a node runs `db`, but only the node's certificate can prove it
+//! may. The stream header is written, then the receiver's reply is awaited before any app byte.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use rustls_pki_types::CertificateDer;
+use tracing::{debug, info};
+use weft_ca::tls::{SharedBundle, SvidServerVerifier, quic_client_config};
+use weft_ca::{Usage, VerifiedSvid, WeftIdentity, verify_svid};
+use weft_discovery::ServiceKey;
+
+use super::header::{self, MAX_FIELD, Status, StreamHeader};
+use super::{HEADER_TIMEOUT, ProxyMetrics};
+use crate::identity::SharedIdentities;
+
+/// ALPN of tunnels between agents.
+pub const ALPN_TUNNEL: &[u8] = b"weft/1";
+
+/// Why a stream to a peer could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    /// This host holds no node SVID yet.
+    #[error("this host has no node identity yet")]
+    NoIdentity,
+    /// The connection could not be made (unreachable, handshake refused).
+    #[error("tunnel to {addr} failed: {reason}")]
+    Connect {
+        /// Peer address.
+        addr: SocketAddr,
+        /// Why.
+        reason: String,
+    },
+    /// The peer's identity does not allow it to serve the destination.
+    #[error(
+        "{peer} at {addr} is not entitled to serve {service}: its node SVID scope does not list it"
+    )]
+    NotEntitled {
+        /// Peer address.
+        addr: SocketAddr,
+        /// Peer's SPIFFE ID.
+        peer: String,
+        /// Destination.
+        service: ServiceKey,
+    },
+    /// The stream broke before the reply.
+    #[error("stream to {addr} failed: {reason}")]
+    Stream {
+        /// Peer address.
+        addr: SocketAddr,
+        /// Why.
+        reason: String,
+    },
+    /// The peer refused the stream.
+    #[error("{addr} refused ({}): {reason}", status.as_label())]
+    Refused {
+        /// Peer address.
+        addr: SocketAddr,
+        /// Its status.
+        status: Status,
+        /// Its reason.
+        reason: String,
+    },
+}
+
+impl TunnelError {
+    /// Whether another endpoint of the same service might work.
+    pub fn worth_another_endpoint(&self) -> bool {
+        match self {
+            TunnelError::NoIdentity => false,
+            TunnelError::Refused { status, .. } => status.worth_another_endpoint(),
+            _ => true,
+        }
+    }
+
+    /// Short label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            TunnelError::NoIdentity => "no_identity",
+            TunnelError::Connect { .. } => "handshake_failed",
+            TunnelError::NotEntitled { .. } => "peer_not_entitled",
+            TunnelError::Stream { .. } => "stream_failed",
+            TunnelError::Refused { status, .. } => status.as_label(),
+        }
+    }
+}
+
+/// An open, verified tunnel.
+#[derive(Clone)]
+pub struct Tunnel {
+    connection: quinn::Connection,
+    peer: Arc<VerifiedSvid>,
+}
+
+/// A bidirectional stream that passed the header exchange.
+pub struct TunnelStream {
+    /// Bytes to the peer.
+    pub send: quinn::SendStream,
+    /// Bytes from the peer.
+    pub recv: quinn::RecvStream,
+}
+
+type Slot = Arc<tokio::sync::Mutex<Option<Tunnel>>>;
+
+/// Pooled tunnels, keyed by peer address.
+pub struct TunnelPool {
+    endpoint: quinn::Endpoint,
+    bundle: SharedBundle,
+    identities: SharedIdentities,
+    metrics: ProxyMetrics,
+    transport: Arc<quinn::TransportConfig>,
+    slots: Mutex<HashMap<SocketAddr, Slot>>,
+}
+
+/// Transport settings for tunnels (both roles): many concurrent streams, windows sized for
+/// bulk transfers, keep-alives so idle pooled tunnels stay usable.
+pub fn transport_config() -> quinn::TransportConfig {
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_concurrent_bidi_streams(quinn::VarInt::from_u32(16_384))
+        .max_concurrent_uni_streams(quinn::VarInt::from_u32(0))
+        .stream_receive_window(quinn::VarInt::from_u32(8 * 1024 * 1024))
+        .receive_window(quinn::VarInt::from_u32(64 * 1024 * 1024))
+        .send_window(64 * 1024 * 1024)
+        .keep_alive_interval(Some(Duration::from_secs(5)))
+        .max_idle_timeout(Some(
+            Duration::from_secs(30)
+                .try_into()
+                .expect("30 s is a valid idle timeout"),
+        ));
+    transport
+}
+
+/// The verified node SVID of a tunnel's peer, or why there is none.
+pub fn peer_node(
+    connection: &quinn::Connection,
+    bundle: &SharedBundle,
+    usage: Usage,
+) -> Result<VerifiedSvid, String> {
+    let chain = connection
+        .peer_identity()
+        .and_then(|identity| identity.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .ok_or_else(|| "no client certificate".to_string())?;
+    let svid =
+        verify_svid(&chain, &bundle.load(), SystemTime::now(), usage).map_err(|e| e.to_string())?;
+    match svid.id.kind() {
+        WeftIdentity::Node { .. } => Ok(svid),
+        _ => Err(format!("{} is not a node identity", svid.id)),
+    }
+}
+
+impl TunnelPool {
+    /// A pool dialing from `endpoint`.
+    pub fn new(
+        endpoint: quinn::Endpoint,
+        bundle: SharedBundle,
+        identities: SharedIdentities,
+        metrics: ProxyMetrics,
+    ) -> TunnelPool {
+        TunnelPool {
+            endpoint,
+            bundle,
+            identities,
+            metrics,
+            transport: Arc::new(transport_config()),
+            slots: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Opens a stream to `addr` for `header` and waits for the peer's acceptance.
+    pub async fn open(
+        &self,
+        addr: SocketAddr,
+        header: &StreamHeader,
+    ) -> Result<TunnelStream, TunnelError> {
+        let tunnel = self.tunnel(addr).await?;
+        if !tunnel.peer.scope.as_ref().is_some_and(|scope| {
+            scope.allows(&header.destination.namespace, &header.destination.name)
+        }) {
+            return Err(TunnelError::NotEntitled {
+                addr,
+                peer: tunnel.peer.id.to_string(),
+                service: header.destination.clone(),
+            });
+        }
+        let stream_error = |reason: String| TunnelError::Stream { addr, reason };
+        let (mut send, mut recv) = tunnel
+            .connection
+            .open_bi()
+            .await
+            .map_err(|e| stream_error(e.to_string()))?;
+        send.write_all(&header.encode())
+            .await
+            .map_err(|e| stream_error(e.to_string()))?;
+        let (status, reason) = tokio::time::timeout(HEADER_TIMEOUT, read_reply(&mut recv))
+            .await
+            .map_err(|_| stream_error(format!("no reply within {HEADER_TIMEOUT:?}")))?
+            .map_err(stream_error)?;
+        match status {
+            Status::Ok => Ok(TunnelStream { send, recv }),
+            status => Err(TunnelError::Refused {
+                addr,
+                status,
+                reason,
+            }),
+        }
+    }
+
+    /// The pooled tunnel to `addr`, connecting if there is none or it closed.
+    async fn tunnel(&self, addr: SocketAddr) -> Result<Tunnel, TunnelError> {
+        let slot = self
+            .slots
+            .lock()
+            .expect("pool lock is never poisoned")
+            .entry(addr)
+            .or_default()
+            .clone();
+        let mut slot = slot.lock().await;
+        if let Some(tunnel) = slot.as_ref()
+            && tunnel.connection.close_reason().is_none()
+        {
+            return Ok(tunnel.clone());
+        }
+        let tunnel = self.connect(addr).await?;
+        *slot = Some(tunnel.clone());
+        Ok(tunnel)
+    }
+
+    async fn connect(&self, addr: SocketAddr) -> Result<Tunnel, TunnelError> {
+        let node = self
+            .identities
+            .load()
+            .node
+            .clone()
+            .ok_or(TunnelError::NoIdentity)?;
+        let verifier = SvidServerVerifier::new(
+            self.bundle.clone(),
+            "a node ID spiffe://TD/node/NAME",
+            |id| matches!(id.kind(), WeftIdentity::Node { .. }),
+        );
+        let connect = |reason: String| TunnelError::Connect { addr, reason };
+        let mut config = quic_client_config(verifier, Some(node.key.clone()), ALPN_TUNNEL)
+            .map_err(|e| connect(e.to_string()))?;
+        config.transport_config(self.transport.clone());
+        let connecting = self
+            .endpoint
+            .connect_with(config, addr, "tunnel.weft.invalid")
+            .map_err(|e| connect(e.to_string()))?;
+        let connection = match tokio::time::timeout(HEADER_TIMEOUT, connecting).await {
+            Ok(Ok(connection)) => connection,
+            Ok(Err(e)) => {
+                self.metrics.handshake("client", "failed");
+                return Err(connect(e.to_string()));
+            }
+            Err(_) => {
+                self.metrics.handshake("client", "timeout");
+                return Err(connect(format!("no handshake within {HEADER_TIMEOUT:?}")));
+            }
+        };
+        let peer = peer_node(&connection, &self.bundle, Usage::Server).map_err(|reason| {
+            self.metrics.handshake("client", "bad_peer");
+            connection.close(2u32.into(), b"peer identity refused");
+            connect(reason)
+        })?;
+        self.metrics.handshake("client", "ok");
+        info!(%addr, peer = %peer.id, "tunnel open");
+        track(connection.clone(), self.metrics.clone());
+        Ok(Tunnel {
+            connection,
+            peer: Arc::new(peer),
+        })
+    }
+}
+
+/// Counts a tunnel while it is open and samples its RTT.
+pub fn track(connection: quinn::Connection, metrics: ProxyMetrics) {
+    metrics.tunnel_opened();
+    tokio::spawn(async move {
+        let mut sample = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                reason = connection.closed() => {
+                    debug!(remote = %connection.remote_address(), %reason, "tunnel closed");
+                    break;
+                }
+                _ = sample.tick() => metrics.rtt(connection.rtt()),
+            }
+        }
+        metrics.tunnel_closed();
+    });
+}
+
+/// Reads a reply: status, then a length-prefixed reason.
+async fn read_reply(recv: &mut quinn::RecvStream) -> Result<(Status, String), String> {
+    let mut head = [0u8; 3];
+    recv.read_exact(&mut head)
+        .await
+        .map_err(|e| e.to_string())?;
+    let len = u16::from_be_bytes([head[1], head[2]]) as usize;
+    if len > MAX_FIELD {
+        return Err(format!("reply reason of {len} bytes"));
+    }
+    let mut buf = head.to_vec();
+    buf.resize(3 + len, 0);
+    recv.read_exact(&mut buf[3..])
+        .await
+        .map_err(|e| e.to_string())?;
+    let (status, reason, _) = header::decode_reply(&buf).map_err(|e| e.to_string())?;
+    Ok((status, reason))
+}
