@@ -79,6 +79,8 @@ pub struct AgentSpec {
     pub tunnel_port: u16,
     /// Admin HTTP port.
     pub http_port: u16,
+    /// Outbound HTTP proxy port (on the agent's IP).
+    pub http_proxy_port: u16,
     /// Seeds (`ip:port`).
     pub seeds: Vec<String>,
     /// Keyring file.
@@ -108,6 +110,7 @@ impl AgentSpec {
             gossip_port: free_port(),
             tunnel_port: free_port(),
             http_port: free_port(),
+            http_proxy_port: free_port(),
             seeds: Vec::new(),
             keyring: keyring.to_path_buf(),
             interval: "500ms".into(),
@@ -150,6 +153,7 @@ impl AgentSpec {
                 "[node]\nname = \"{name}\"\ntrust_domain = \"test.weft\"\ndata_dir = \"{dir}/{name}-data\"\n\n\
              [gossip]\nbind = \"{ip}:{gp}\"\nseeds = [{seeds}]\nkeyring = \"{keyring}\"\ninterval = \"{interval}\"\ndead_grace = \"{grace}\"\n\n\
              [tunnel]\nbind = \"{ip}:{tp}\"\n\n[admin]\nsocket = \"{dir}/{name}.sock\"\nhttp = \"127.0.0.1:{hp}\"\n\n\
+             [outbound]\nhttp_proxy = \"{ip}:{pp}\"\n\n\
              [log]\nlevel = \"info,weft_discovery=debug\"\n\n{extra}",
                 name = self.name,
                 dir = dir.display(),
@@ -157,6 +161,7 @@ impl AgentSpec {
                 gp = self.gossip_port,
                 tp = self.tunnel_port,
                 hp = self.http_port,
+                pp = self.http_proxy_port,
                 seeds = seeds.join(", "),
                 keyring = self.keyring.display(),
                 interval = self.interval,
