@@ -28,6 +28,80 @@ pub struct DemoArgs {
 }
 
 const NODES: [&str; 3] = ["node-1", "node-2", "node-3"];
+/// Offset of node-1's upstream listener to `api` in the demo's port block.
+const API_UPSTREAM: u16 = 35;
+/// Offset of node-1's upstream listener to `db`.
+const DB_UPSTREAM: u16 = 36;
+
+/// Sends requests through the mesh from node-1 and shows the answers, their latency, and the
+/// metric lines that counted them.
+async fn show_traffic(base: u16, node1: &crate::agent::Shared) {
+    println!("\nTraffic through the mesh (mTLS QUIC tunnels between agents):");
+    let mut latencies = Vec::new();
+    let mut first = None;
+    for _ in 0..20 {
+        let started = Instant::now();
+        match http_get(("127.0.0.1", base + API_UPSTREAM)).await {
+            Ok(body) => {
+                latencies.push(started.elapsed());
+                first.get_or_insert(body);
+            }
+            Err(e) => println!("  request failed: {e}"),
+        }
+    }
+    latencies.sort();
+    if let (Some(body), Some(p50), Some(max)) =
+        (first, latencies.get(latencies.len() / 2), latencies.last())
+    {
+        println!(
+            "  node-1 -> api on node-2: {} HTTP requests, answer {:?}, p50 {:.2} ms, max {:.2} ms",
+            latencies.len(),
+            body.trim(),
+            p50.as_secs_f64() * 1e3,
+            max.as_secs_f64() * 1e3
+        );
+    }
+    match echo(("127.0.0.1", base + DB_UPSTREAM), b"hello through the mesh").await {
+        Ok(reply) => println!(
+            "  node-1 -> db on node-3 (TCP echo): {:?}",
+            String::from_utf8_lossy(&reply)
+        ),
+        Err(e) => println!("  echo failed: {e}"),
+    }
+    println!("  node-1's metrics that counted them:");
+    for line in node1.metrics.render().lines().filter(|l| {
+        l.starts_with("weft_tcp_open_total")
+            || l.starts_with("weft_tunnel_handshakes_total")
+            || l.starts_with("weft_tunnels_open")
+    }) {
+        println!("    {line}");
+    }
+}
+
+/// One HTTP/1.1 GET of `/` with `Connection: close`; returns the body.
+async fn http_get(addr: (&str, u16)) -> std::io::Result<String> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: api.weft\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await?;
+    let text = String::from_utf8_lossy(&response).into_owned();
+    Ok(text
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or(text))
+}
+
+/// Sends `message`, half-closes, and returns what comes back.
+async fn echo(addr: (&str, u16), message: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.write_all(message).await?;
+    stream.shutdown().await?;
+    let mut reply = Vec::new();
+    stream.read_to_end(&mut reply).await?;
+    Ok(reply)
+}
 
 /// Runs the demo until Ctrl-C.
 pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
@@ -89,7 +163,8 @@ async fn demo(base: u16) -> anyhow::Result<()> {
             "[node]\nname = \"{node}\"\ntrust_domain = \"demo.weft\"\ndata_dir = \"{dir}/{node}\"\nlabels = {{ zone = \"zone-{zone}\" }}\n\n\
              [gossip]\nbind = \"127.0.0.1:{gossip}\"\nseeds = [\"127.0.0.1:{seed}\"]\nkeyring = \"{keyring}\"\ninterval = \"200ms\"\n\n\
              [tunnel]\nbind = \"127.0.0.1:{tunnel}\"\n\n[admin]\nsocket = \"{dir}/{node}.sock\"\nhttp = \"127.0.0.1:{http}\"\n\n\
-             [identity]\ntrust_bundle = \"{dir}/pki/root.pem\"\njoin_token = \"{token}\"\n\n{ca_section}\
+             [outbound]\nhttp_proxy = \"127.0.0.1:{proxy}\"\n\n\
+             [identity]\ntrust_bundle = \"{dir}/pki/root.pem\"\njoin_token = \"{token}\"\n\n{ca_section}{upstreams}\
              [[service]]\nname = \"{service}\"\nport = {app_port}\nprotocol = \"{protocol}\"\ncheck = {{ {check}, interval = \"1s\", timeout = \"500ms\" }}\n",
             dir = dir.path().display(),
             zone = i % 2 + 1,
@@ -98,6 +173,16 @@ async fn demo(base: u16) -> anyhow::Result<()> {
             keyring = keyring.display(),
             tunnel = port(2),
             http = port(0),
+            proxy = port(3),
+            upstreams = if i == 0 {
+                format!(
+                    "[[upstream]]\nservice = \"api\"\nlisten = \"127.0.0.1:{}\"\n\n[[upstream]]\nservice = \"db\"\nlisten = \"127.0.0.1:{}\"\n\n",
+                    base + API_UPSTREAM,
+                    base + DB_UPSTREAM
+                )
+            } else {
+                String::new()
+            },
             app_port = addr.port(),
             token = token.display(),
         );
@@ -156,7 +241,20 @@ async fn demo(base: u16) -> anyhow::Result<()> {
                 "converged in {} ms: 3 members alive, 3 services passing.",
                 started.elapsed().as_millis()
             );
+            show_traffic(base, &shared[0]).await;
             println!("\nTry, in another terminal:");
+            println!(
+                "  curl -s 127.0.0.1:{}/                     # node-1's upstream to api (on node-2)",
+                base + API_UPSTREAM
+            );
+            println!(
+                "  curl -s -x http://127.0.0.1:{} http://api.weft/   # node-1's HTTP proxy",
+                base + 3
+            );
+            println!(
+                "  echo hello | socat - TCP:127.0.0.1:{}     # node-1's upstream to db (TCP echo on node-3)",
+                base + DB_UPSTREAM
+            );
             println!(
                 "  weft members --socket {}/node-1.sock",
                 dir.path().display()
