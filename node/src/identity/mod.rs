@@ -36,6 +36,8 @@ pub use store::SvidFiles;
 
 /// Lifetime of the certificate a CA host serves the CA protocol with.
 const CA_SERVER_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Consecutive failures logged at INFO before they are logged as warnings.
+const QUIET_FAILURES: u32 = 2;
 /// Longest wait between attempts after a failure.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -209,17 +211,26 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut backoff = Duration::from_secs(1);
+    let mut failures = 0u32;
     loop {
         let wanted = services.borrow_and_update().clone();
         let wait = match context.step(&wanted).await {
             Ok(next) => {
                 backoff = Duration::from_secs(1);
+                failures = 0;
                 next.duration_since(SystemTime::now())
                     .unwrap_or_default()
                     .max(Duration::from_millis(100))
             }
             Err(e) => {
-                warn!(error = %format!("{e:#}"), retry_in = ?backoff, "identity not yet complete");
+                failures += 1;
+                // The first attempts of a joining agent usually fail only because gossip has
+                // not shown it a CA host yet; say so quietly, then loudly if it persists.
+                if failures <= QUIET_FAILURES {
+                    info!(error = %format!("{e:#}"), retry_in = ?backoff, "identity not yet complete");
+                } else {
+                    warn!(error = %format!("{e:#}"), retry_in = ?backoff, failures, "identity not yet complete");
+                }
                 let wait = backoff;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
                 wait
