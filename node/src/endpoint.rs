@@ -29,6 +29,25 @@ pub enum EndpointError {
     Tls(#[from] weft_ca::tls::TlsError),
 }
 
+/// Socket buffer asked for in each direction. The kernel default (about 208 KiB) drops
+/// datagrams when many handshakes or a bulk transfer arrive at once, and every drop costs a
+/// QUIC retransmission; the kernel caps the value at `net.core.{r,w}mem_max`.
+const SOCKET_BUFFER: usize = 4 << 20;
+
+/// Binds the endpoint's UDP socket with large buffers.
+fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        // Dual-stack when bound to [::], like quinn's own sockets.
+        let _ = socket.set_only_v6(false);
+    }
+    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
 /// The bound endpoint.
 pub struct QuicEndpoint {
     endpoint: quinn::Endpoint,
@@ -45,8 +64,16 @@ impl QuicEndpoint {
             &[ALPN_TUNNEL, ALPN_CA],
         )?;
         config.transport_config(Arc::new(transport_config()));
-        let endpoint =
-            quinn::Endpoint::server(config, addr).map_err(|e| EndpointError::Bind(addr, e))?;
+        let socket = bind_udp(addr).map_err(|e| EndpointError::Bind(addr, e))?;
+        let runtime = quinn::default_runtime()
+            .ok_or_else(|| EndpointError::Bind(addr, std::io::Error::other("no async runtime")))?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(config),
+            socket,
+            runtime,
+        )
+        .map_err(|e| EndpointError::Bind(addr, e))?;
         Ok(QuicEndpoint { endpoint, resolver })
     }
 
