@@ -35,6 +35,7 @@ use crate::endpoint::QuicEndpoint;
 use crate::health::{self, CheckResult, HealthChecks};
 use crate::identity::{self, IdentityContext, IdentityMetrics, SharedIdentities};
 use crate::metrics::AgentMetrics;
+use crate::proxy::http::HttpProxy;
 use crate::proxy::outbound::Upstreams;
 use crate::proxy::tunnel::TunnelPool;
 use crate::proxy::{ProxyContext, ProxyMetrics};
@@ -206,6 +207,10 @@ impl Agent {
         });
         let mut upstreams = Upstreams::new(proxy.clone());
         upstreams.set(&config.upstreams).await?;
+        if let Some(address) = config.outbound.http_proxy {
+            // Stops accepting by itself when draining starts.
+            tokio::spawn(HttpProxy::bind(address).await?.run(proxy.clone()));
+        }
         let (stop_tx, stop_rx) = watch::channel(false);
         let (services_tx, services_rx) =
             watch::channel(config.services.iter().map(|s| s.key.clone()).collect());

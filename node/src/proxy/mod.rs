@@ -1,7 +1,7 @@
 //! The data plane: apps on this host reach mesh services through outbound listeners
-//! ([`outbound`]); other agents reach this host's services through QUIC tunnels
-//! ([`inbound`]); tunnels are pooled per peer ([`tunnel`]); every stream starts with the
-//! versioned header of [`header`].
+//! ([`outbound`]) and the HTTP proxy ([`http`]); other agents reach this host's services
+//! through QUIC tunnels ([`inbound`]); tunnels are pooled per peer ([`tunnel`]); every stream
+//! starts with the versioned header of [`header`].
 //!
 //! Identity: tunnels are mutual TLS with node SVIDs. A receiving agent trusts the source
 //! service named in a stream header only if the sending node's SVID scope lists it; a sending
@@ -9,6 +9,7 @@
 //! Gossip never decides who is trusted.
 
 pub mod header;
+pub mod http;
 pub mod inbound;
 pub mod metrics;
 pub mod outbound;

@@ -147,15 +147,20 @@ pub async fn carry(
 }
 
 /// The source a connection from an upstream listener acts for: the configured `from`, else
-/// the host's only service, else none (the node itself).
+/// [`host_source`].
 fn source_of(context: &ProxyContext, upstream: &UpstreamConfig) -> Option<ServiceKey> {
-    upstream.from.clone().or_else(|| {
-        let config = context.shared.config.load();
-        match config.services.as_slice() {
-            [only] => Some(only.key.clone()),
-            _ => None,
-        }
-    })
+    upstream.from.clone().or_else(|| host_source(context))
+}
+
+/// The source a local app acts for when nothing names one: the host's only service if it
+/// runs exactly one, else none (the node itself). Shared by upstream listeners and the HTTP
+/// proxy.
+pub fn host_source(context: &ProxyContext) -> Option<ServiceKey> {
+    let config = context.shared.config.load();
+    match config.services.as_slice() {
+        [only] => Some(only.key.clone()),
+        _ => None,
+    }
 }
 
 /// The running upstream listeners.
