@@ -572,3 +572,127 @@ impl Cluster {
             .join("\n")
     }
 }
+
+/// Starts an agent like [`TestAgent::start`], with its generated config text passed through
+/// `edit` first: for keys of tables the generated config already opens (such as
+/// `[node] drain_timeout`), which [`AgentSpec::extra`] cannot add.
+pub fn start_agent_with(
+    spec: AgentSpec,
+    dir: &Path,
+    wrapper: &[&str],
+    edit: impl FnOnce(String) -> String,
+) -> anyhow::Result<TestAgent> {
+    let mut agent = TestAgent {
+        spec,
+        dir: dir.to_path_buf(),
+        child: None,
+        wrapper: wrapper.iter().map(|s| s.to_string()).collect(),
+    };
+    agent.write_config(&edit(agent.spec.config_text(dir)))?;
+    agent.spawn()?;
+    Ok(agent)
+}
+
+/// Like [`Cluster::start`], with each agent's config text also passed through `edit` (see
+/// [`start_agent_with`]).
+pub fn start_cluster_with(
+    n: usize,
+    mut tune: impl FnMut(&mut AgentSpec),
+    mut edit: impl FnMut(&AgentSpec, String) -> String,
+) -> anyhow::Result<Cluster> {
+    let dir = tempfile::Builder::new().prefix("weft-test-").tempdir()?;
+    let keys = vec![gossip_keygen()];
+    let keyring = write_keyring(dir.path(), "gossip.keys", &keys);
+    let pki = Pki::new(dir.path());
+    let mut specs: Vec<AgentSpec> = (1..=n)
+        .map(|i| AgentSpec::loopback(&format!("a{i}"), &keyring, &pki))
+        .collect();
+    let seed = specs[0].gossip_addr();
+    for (i, spec) in specs.iter_mut().enumerate() {
+        spec.seeds = vec![seed.clone()];
+        if i == 0 {
+            spec.ca = Some(pki.intermediate(&spec.name));
+        } else {
+            let token = dir.path().join(format!("{}.token", spec.name));
+            pki.write_token(&token, &spec.name, TOKEN_SCOPE, Duration::from_secs(3600));
+            spec.join_token = Some(token);
+        }
+        tune(spec);
+    }
+    let agents = specs
+        .into_iter()
+        .map(|spec| {
+            let text = edit(&spec, spec.config_text(dir.path()));
+            start_agent_with(spec, dir.path(), &[], |_| text)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(Cluster {
+        agents,
+        keyring,
+        keys,
+        pki,
+        dir,
+    })
+}
+
+/// Number of open file descriptors of process `pid` (from `/proc/PID/fd`).
+pub fn open_fds(pid: u32) -> Option<usize> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()
+        .map(Iterator::count)
+}
+
+/// Spawns a local helper process (an app server such as `redis-server`) that
+/// [`kill_process`] ends by PID; the caller keeps the [`Child`].
+pub fn spawn_process(cmd: &mut Command) -> anyhow::Result<Child> {
+    cmd.stdin(Stdio::null())
+        .spawn()
+        .with_context(|| format!("spawn {:?}", cmd.get_program()))
+}
+
+/// SIGKILLs a process this test spawned, by its PID, and reaps it (no-op if it already exited).
+pub fn kill_process(child: &mut Child) {
+    if let Ok(None) = child.try_wait() {
+        // SAFETY: kill(2) on a PID we spawned and have not reaped yet.
+        unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    }
+    let _ = child.wait();
+}
+
+/// Waits up to `timeout` for a TCP listener at `addr`; returns whether one answered.
+pub fn wait_for_listener(addr: SocketAddr, timeout: Duration) -> bool {
+    wait_until(timeout, || {
+        TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+    })
+    .is_some()
+}
+
+/// Sum of every sample of metric `name` in Prometheus text whose labels include all of
+/// `labels`, whatever the label order in the text.
+pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric, label_text) = match series.split_once('{') {
+                Some((metric, rest)) => (metric, rest.strip_suffix('}')?),
+                None => (series, ""),
+            };
+            if metric != name {
+                return None;
+            }
+            let present: Vec<(&str, &str)> = label_text
+                .split(',')
+                .filter_map(|pair| {
+                    let (key, value) = pair.split_once('=')?;
+                    Some((key.trim(), value.trim().trim_matches('"')))
+                })
+                .collect();
+            labels
+                .iter()
+                .all(|wanted| present.contains(wanted))
+                .then(|| value.trim().parse::<f64>().ok())
+                .flatten()
+        })
+        .sum()
+}
