@@ -1002,6 +1002,16 @@ fn sigterm_drains_a_long_transfer() {
     let sent_at_term = progress.load(Ordering::Relaxed);
     let term_at = Instant::now();
     cluster.agents[1].sigterm();
+    // Connections opened between the signal and the start of the drain are accepted and
+    // finished like any other; the drain starts when a2 logs it.
+    assert!(
+        wait_until(Duration::from_secs(5), || cluster.agents[1]
+            .log()
+            .contains("draining"))
+        .is_some(),
+        "a2 never started draining\n{}",
+        cluster.logs()
+    );
 
     // New connections while a2 drains: never served by a2, routed to a4 (or refused).
     let (mut by_a4, mut by_a2, mut refused) = (0, 0, 0);
@@ -1214,7 +1224,6 @@ fn tunnels_refuse_peers_without_the_right_identity_and_count_it() {
     });
     wait_ready(&cluster, &[0, 2]);
     wait_routable(&cluster, 2, "default/web", &["a2"]);
-    wait_routable(&cluster, 2, "default/payments", &["a2"]);
     let (a2, a3) = (&cluster.agents[1], &cluster.agents[2]);
     // Control: a3 reaches web on a2 (so a2 holds its node SVID and the tunnel works).
     let works = wait_until(Duration::from_secs(15), || {
@@ -1229,11 +1238,59 @@ fn tunnels_refuse_peers_without_the_right_identity_and_count_it() {
     let a2_ready = a2.http_get("/ready").map(|(s, _)| s).unwrap_or(0);
     println!("a2 /ready: {a2_ready} (it cannot get a payments SVID: out of its scope)");
 
-    // (d) a2 claims payments in gossip, but its node SVID does not list it: a3 must not send.
+    // (d1) An honest agent does not advertise a service it holds no identity for: a2 lists
+    // payments as `unknown`, so a3 has no endpoint and closes the app connection at once.
+    let unknown = wait_until(Duration::from_secs(10), || {
+        a3.endpoints("default/payments") == [("a2".to_string(), "unknown".to_string())]
+    });
+    assert!(
+        unknown.is_some(),
+        "a3 sees {:?}\n{}",
+        a3.endpoints("default/payments"),
+        cluster.logs()
+    );
+    let started = Instant::now();
+    let reply = rt.block_on(round_trip(up_pay, b"card 4242", Duration::from_secs(10)));
+    println!(
+        "honest agent: upstream to payments: {reply:?} after {:?}",
+        started.elapsed()
+    );
+    assert!(
+        reply.as_ref().is_ok_and(|answer| answer.is_empty()) || reply.is_err(),
+        "payments answered {reply:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "closed only after {:?}",
+        started.elapsed()
+    );
+    assert!(
+        wait_until(Duration::from_secs(3), || agent_metric(
+            a3,
+            "weft_tcp_connection_failures_total",
+            &[("direction", "outbound"), ("reason", "no_endpoint")],
+        ) >= 1.0)
+        .is_some(),
+        "no_endpoint not counted"
+    );
+
+    // (d2) A lying gossip member (it holds the gossip key, nothing else) claims payments as
+    // passing at a2's tunnel address. a2's node SVID does not list payments: a3 must not send.
+    let liar = rt.block_on(start_liar(&cluster, a2.spec.tunnel_port));
+    let claimed = wait_until(Duration::from_secs(15), || {
+        a3.endpoints("default/payments")
+            .iter()
+            .any(|(node, health)| node == "liar" && health == "passing")
+    });
+    assert!(
+        claimed.is_some(),
+        "a3 never saw the liar's claim: {:?}",
+        a3.endpoints("default/payments")
+    );
     let started = Instant::now();
     let reply = rt.block_on(round_trip(up_pay, b"card 4242", Duration::from_secs(10)));
     let closed_in = started.elapsed();
-    println!("upstream to payments: {reply:?} after {closed_in:?}");
+    println!("lying member: upstream to payments: {reply:?} after {closed_in:?}");
     // Closed without an answer: EOF, or a reset because the agent dropped unread bytes.
     match &reply {
         Ok(answer) => assert!(answer.is_empty(), "payments answered {answer:?}"),
@@ -1269,6 +1326,7 @@ fn tunnels_refuse_peers_without_the_right_identity_and_count_it() {
         a3.metrics().unwrap_or_default()
     );
     assert!(a3.log().contains("not entitled"), "{}", a3.log());
+    rt.block_on(liar.shutdown());
 
     // In-test QUIC clients against a2's tunnel port.
     let tunnel = SocketAddr::from(([127, 0, 0, 1], a2.spec.tunnel_port));
@@ -1424,4 +1482,53 @@ fn tunnels_refuse_peers_without_the_right_identity_and_count_it() {
         handshakes(a2, "no_node_svid"),
         handshakes(a2, "refused")
     );
+}
+
+/// A gossip member that holds the cluster's gossip key and nothing else, and claims service
+/// `payments` (passing) at the tunnel address of another agent.
+async fn start_liar(cluster: &Cluster, tunnel_port: u16) -> weft_discovery::Membership {
+    use weft_discovery::{
+        GossipMetrics, Health, Keyring, Membership, MembershipConfig, NodeRecord, Protocol,
+        SealConfig, ServiceKey, ServiceRecord,
+    };
+    let keyring = Keyring::load(&cluster.keyring)
+        .expect("cluster keyring")
+        .into_shared();
+    let bind = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let config = MembershipConfig {
+        cluster: "test.weft".into(),
+        bind,
+        seeds: vec![cluster.agents[0].spec.gossip_addr()],
+        interval: Duration::from_millis(500),
+        dead_grace: Duration::from_secs(3600),
+        seal: SealConfig::default(),
+    };
+    let record = NodeRecord {
+        name: "liar".into(),
+        gossip_addr: bind,
+        tunnel_addr: SocketAddr::from(([127, 0, 0, 1], tunnel_port)),
+        labels: Default::default(),
+        roles: Vec::new(),
+        version: "liar".into(),
+        policy_version: 0,
+        started_at: 0,
+    };
+    let services = std::collections::BTreeMap::from([(
+        ServiceKey::new("default", "payments"),
+        ServiceRecord {
+            port: 1,
+            protocol: Protocol::Tcp,
+            health: Health::Passing,
+            weight: 1,
+        },
+    )]);
+    Membership::start(
+        config,
+        record,
+        services,
+        keyring,
+        GossipMetrics::unregistered(),
+    )
+    .await
+    .expect("start the lying member")
 }

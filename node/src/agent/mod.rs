@@ -43,8 +43,9 @@ use crate::telemetry::LogControl;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// How often a CA host republishes the token ids it redeemed.
-const REDEEMED_PUBLISH_INTERVAL: Duration = Duration::from_millis(250);
+/// How often health (with identity held) and, on CA hosts, redeemed token ids are republished
+/// when they changed.
+const PUBLISH_INTERVAL: Duration = Duration::from_millis(250);
 
 /// What the rest of the agent (admin API, later the proxy) shares, behind one `Arc`.
 pub struct Shared {
@@ -105,6 +106,7 @@ pub struct Agent {
     results_tx: mpsc::Sender<CheckResult>,
     results_rx: mpsc::Receiver<CheckResult>,
     last_health: BTreeMap<ServiceKey, Health>,
+    published_health: BTreeMap<ServiceKey, Health>,
     services_tx: watch::Sender<Vec<ServiceKey>>,
     ca_server: Option<Arc<CaServer>>,
     proxy: Arc<ProxyContext>,
@@ -153,7 +155,7 @@ impl Agent {
         let membership = Membership::start(
             membership_config(&config),
             node_record(&config),
-            service_records(&config.services, &last_health),
+            service_records(&config.services, &BTreeMap::new()),
             keyring.clone(),
             metrics.gossip.clone(),
         )
@@ -205,6 +207,7 @@ impl Agent {
             cut: CancellationToken::new(),
             draining: CancellationToken::new(),
         });
+        tokio::spawn(crate::proxy::prune_tunnels(proxy.clone()));
         let mut upstreams = Upstreams::new(proxy.clone());
         upstreams.set(&config.upstreams).await?;
         if let Some(address) = config.outbound.http_proxy {
@@ -250,6 +253,7 @@ impl Agent {
             results_tx,
             results_rx,
             last_health,
+            published_health: BTreeMap::new(),
             services_tx,
             ca_server,
             proxy,
@@ -268,7 +272,7 @@ impl Agent {
     /// Runs until a [`Control::Stop`] arrives (or the control channel closes), then leaves.
     /// Returns an error, after stopping, if gossip failed underneath the agent.
     pub async fn run(mut self, mut control: mpsc::Receiver<Control>) -> anyhow::Result<()> {
-        let mut publish = tokio::time::interval(REDEEMED_PUBLISH_INTERVAL);
+        let mut publish = tokio::time::interval(PUBLISH_INTERVAL);
         let mut published: Vec<String> = Vec::new();
         let gossip_failure = self.membership.failure();
         tokio::pin!(gossip_failure);
@@ -285,11 +289,14 @@ impl Agent {
                     Some(Control::Stop) | None => break,
                 },
                 Some(result) = self.results_rx.recv() => self.apply_health(result).await,
-                _ = publish.tick(), if self.ca_server.is_some() => {
-                    let ids = self.ca_server.as_ref().map(|s| s.redeemed_ids()).unwrap_or_default();
-                    if ids != published {
-                        self.membership.set_redeemed_tokens(&ids).await;
-                        published = ids;
+                _ = publish.tick() => {
+                    self.publish_health().await;
+                    if let Some(server) = &self.ca_server {
+                        let ids = server.redeemed_ids();
+                        if ids != published {
+                            self.membership.set_redeemed_tokens(&ids).await;
+                            published = ids;
+                        }
                     }
                 }
             }
@@ -298,6 +305,36 @@ impl Agent {
         match failure {
             Some(reason) => Err(anyhow::anyhow!(reason)),
             None => Ok(()),
+        }
+    }
+
+    /// Each local service's health as peers should route by it: its check result, but
+    /// `unknown` (not routable) while this host holds no SVID for it, since peers would refuse
+    /// to send to it anyway.
+    fn effective_health(&self) -> BTreeMap<ServiceKey, Health> {
+        let identities = self.shared.identities.load();
+        self.last_health
+            .iter()
+            .map(|(service, health)| {
+                let held = identities.services.contains_key(service);
+                (
+                    service.clone(),
+                    if held { *health } else { Health::Unknown },
+                )
+            })
+            .collect()
+    }
+
+    /// Publishes [`Agent::effective_health`] where it changed.
+    async fn publish_health(&mut self) {
+        let effective = self.effective_health();
+        for (service, health) in effective {
+            if self.published_health.get(&service) != Some(&health) {
+                if let Err(error) = self.membership.set_health(&service, health).await {
+                    warn!(%error, "dropped a health update");
+                }
+                self.published_health.insert(service, health);
+            }
         }
     }
 
@@ -318,13 +355,7 @@ impl Agent {
             self.last_health
                 .insert(result.service.clone(), result.health);
         }
-        if let Err(error) = self
-            .membership
-            .set_health(&result.service, result.health)
-            .await
-        {
-            warn!(%error, "dropped a health result");
-        }
+        self.publish_health().await;
     }
 
     /// Drains, then leaves: turns not-ready, stops accepting (listeners close, new tunnel

@@ -125,8 +125,9 @@ impl Agent {
             self.shared.metrics.forget_service(&old.key);
         }
         self.last_health = next_health;
+        self.published_health = self.effective_health();
         self.membership
-            .set_services(service_records(&applied.services, &self.last_health))
+            .set_services(service_records(&applied.services, &self.published_health))
             .await;
         self.checks = HealthChecks::start(&applied.services, self.results_tx.clone());
         let _ = self

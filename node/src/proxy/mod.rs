@@ -52,6 +52,25 @@ pub struct ProxyContext {
     pub draining: CancellationToken,
 }
 
+/// Keeps the tunnel pool in step with membership: whenever the catalog changes, tunnels to
+/// peers that are no longer alive members are closed. Runs until the catalog is gone.
+pub async fn prune_tunnels(context: Arc<ProxyContext>) {
+    let mut catalog = context.shared.catalog.clone();
+    loop {
+        let live: std::collections::HashSet<std::net::SocketAddr> = catalog
+            .current()
+            .members
+            .values()
+            .filter(|m| m.state.is_routable())
+            .filter_map(|m| m.record.as_ref().map(|r| r.tunnel_addr))
+            .collect();
+        context.tunnels.prune(&live);
+        if catalog.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 /// The label of an optional source service.
 pub fn source_label(source: Option<&ServiceKey>) -> String {
     source

@@ -212,6 +212,29 @@ impl TunnelPool {
         }
     }
 
+    /// Closes pooled tunnels to addresses that are not in `live` (peers gossip shows dead,
+    /// left or gone): their streams end at once instead of waiting for QUIC's idle timeout, and
+    /// the next connection to that service goes elsewhere.
+    pub fn prune(&self, live: &std::collections::HashSet<SocketAddr>) {
+        let mut slots = self.slots.lock().expect("pool lock is never poisoned");
+        slots.retain(|addr, slot| {
+            if live.contains(addr) {
+                return true;
+            }
+            match slot.try_lock() {
+                Ok(mut tunnel) => {
+                    if let Some(tunnel) = tunnel.take() {
+                        info!(%addr, peer = %tunnel.peer.id, "closing the tunnel to a peer that left the mesh");
+                        tunnel.connection.close(4u32.into(), b"peer no longer in the mesh");
+                    }
+                    false
+                }
+                // Someone is connecting right now; leave it for the next pass.
+                Err(_) => true,
+            }
+        });
+    }
+
     /// The pooled tunnel to `addr`, connecting if there is none or it closed.
     async fn tunnel(&self, addr: SocketAddr) -> Result<Tunnel, TunnelError> {
         let slot = self
