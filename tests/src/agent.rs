@@ -502,37 +502,8 @@ impl Cluster {
     /// Starts `n` loopback agents named `a1..aN`, all seeded with `a1`. `a1` is a CA host;
     /// every other agent gets a join token for the services [`TOKEN_SCOPE`] lists. `tune` may
     /// adjust each spec (services, timings) before start.
-    pub fn start(n: usize, mut tune: impl FnMut(&mut AgentSpec)) -> anyhow::Result<Cluster> {
-        let dir = tempfile::Builder::new().prefix("weft-test-").tempdir()?;
-        let keys = vec![gossip_keygen()];
-        let keyring = write_keyring(dir.path(), "gossip.keys", &keys);
-        let pki = Pki::new(dir.path());
-        let mut specs: Vec<AgentSpec> = (1..=n)
-            .map(|i| AgentSpec::loopback(&format!("a{i}"), &keyring, &pki))
-            .collect();
-        let seed = specs[0].gossip_addr();
-        for (i, spec) in specs.iter_mut().enumerate() {
-            spec.seeds = vec![seed.clone()];
-            if i == 0 {
-                spec.ca = Some(pki.intermediate(&spec.name));
-            } else {
-                let token = dir.path().join(format!("{}.token", spec.name));
-                pki.write_token(&token, &spec.name, TOKEN_SCOPE, Duration::from_secs(3600));
-                spec.join_token = Some(token);
-            }
-            tune(spec);
-        }
-        let agents = specs
-            .into_iter()
-            .map(|spec| TestAgent::start(spec, dir.path(), &[]))
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        Ok(Cluster {
-            agents,
-            keyring,
-            keys,
-            pki,
-            dir,
-        })
+    pub fn start(n: usize, tune: impl FnMut(&mut AgentSpec)) -> anyhow::Result<Cluster> {
+        start_cluster_with(n, tune, |_, text| text)
     }
 
     /// The shared directory.
