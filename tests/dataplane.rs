@@ -1532,3 +1532,91 @@ async fn start_liar(cluster: &Cluster, tunnel_port: u16) -> weft_discovery::Memb
     .await
     .expect("start the lying member")
 }
+
+#[test]
+fn a_tunnel_closes_when_the_peer_certificate_expires() {
+    let _turn = serial();
+    let rt = runtime();
+    let (listener, port) = bind_local(&rt);
+    rt.spawn(echo(listener, Arc::new(AtomicUsize::new(0))));
+    let cluster = start_mesh(2, |name| match name {
+        "a2" => service("web", port, "tcp"),
+        _ => String::new(),
+    });
+    wait_ready(&cluster, &[0, 1]);
+    let td = TrustDomain::new("test.weft").unwrap();
+    let bundle: SharedBundle = Arc::new(ArcSwap::from_pointee(
+        TrustBundle::load_pem(td.clone(), &cluster.pki.bundle()).unwrap(),
+    ));
+    let (cert, key) = cluster.pki.intermediate("short");
+    let ca = SigningCa::load(&cert, &key).unwrap();
+    // A node SVID that expires 4 s from now.
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = leaf_params(
+        &SpiffeId::node(&td, "short-lived").unwrap(),
+        Duration::from_secs(3600),
+        vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ],
+    );
+    // leaf_params backdates notBefore by 5 minutes: this ends 4 s from now.
+    params.not_after = params.not_before + Duration::from_secs(304);
+    let leaf = params.signed_by(&key, &ca.issuer).unwrap();
+    let chain = vec![leaf.der().clone(), ca.cert.clone()];
+    let client = certified_key(
+        chain,
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+    )
+    .unwrap();
+    let addr = SocketAddr::from(([127, 0, 0, 1], cluster.agents[1].spec.tunnel_port));
+
+    let outcome = rt.block_on(async {
+        let verifier = SvidServerVerifier::new(bundle, "a node ID", |id| {
+            matches!(id.kind(), WeftIdentity::Node { .. })
+        });
+        let config = quic_client_config(verifier, Some(client), b"weft/1").unwrap();
+        let endpoint = quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+        let connection = endpoint
+            .connect_with(config, addr, "tunnel.weft.invalid")
+            .unwrap()
+            .await
+            .unwrap();
+        let ask = |connection: quinn::Connection| async move {
+            let (mut send, mut recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
+            send.write_all(&stream_header("default/web", ""))
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut head = [0u8; 3];
+            recv.read_exact(&mut head)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<u8, String>(head[0])
+        };
+        let before = ask(connection.clone()).await;
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let after = ask(connection.clone()).await;
+        let reason = connection.close_reason().map(|r| r.to_string());
+        endpoint.close(0u32.into(), b"done");
+        (before, after, reason)
+    });
+    println!(
+        "before expiry: {:?}; after: {:?}; close reason: {:?}",
+        outcome.0, outcome.1, outcome.2
+    );
+    assert_eq!(
+        outcome.0,
+        Ok(0),
+        "the stream worked while the certificate was valid"
+    );
+    assert!(
+        outcome.1.is_err(),
+        "a stream still worked after the peer certificate expired"
+    );
+    assert!(
+        outcome
+            .2
+            .is_some_and(|r| r.contains("peer certificate expired")),
+        "closed for another reason"
+    );
+}

@@ -37,7 +37,7 @@ pub async fn serve(context: Arc<ProxyContext>, connection: quinn::Connection) {
     };
     context.metrics.handshake("server", "ok");
     debug!(%remote, peer = %peer.id, "tunnel accepted");
-    track(connection.clone(), context.metrics.clone());
+    track(connection.clone(), context.metrics.clone(), peer.not_after);
     loop {
         let (send, recv) = tokio::select! {
             accepted = connection.accept_bi() => match accepted {

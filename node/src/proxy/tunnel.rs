@@ -293,7 +293,7 @@ impl TunnelPool {
         })?;
         self.metrics.handshake("client", "ok");
         info!(%addr, peer = %peer.id, "tunnel open");
-        track(connection.clone(), self.metrics.clone());
+        track(connection.clone(), self.metrics.clone(), peer.not_after);
         Ok(Tunnel {
             connection,
             peer: Arc::new(peer),
@@ -301,16 +301,27 @@ impl TunnelPool {
     }
 }
 
-/// Counts a tunnel while it is open and samples its RTT.
-pub fn track(connection: quinn::Connection, metrics: ProxyMetrics) {
+/// Counts a tunnel while it is open, samples its RTT, and closes it when the peer's
+/// certificate expires: a TLS identity is checked at the handshake only, so a long-lived
+/// tunnel must not outlive it (the next stream handshakes again with a fresh SVID).
+pub fn track(connection: quinn::Connection, metrics: ProxyMetrics, peer_not_after: SystemTime) {
     metrics.tunnel_opened();
+    let expires_in = peer_not_after
+        .duration_since(SystemTime::now())
+        .unwrap_or_default();
     tokio::spawn(async move {
         let mut sample = tokio::time::interval(Duration::from_secs(5));
+        let expiry = tokio::time::sleep(expires_in);
+        tokio::pin!(expiry);
         loop {
             tokio::select! {
                 reason = connection.closed() => {
                     debug!(remote = %connection.remote_address(), %reason, "tunnel closed");
                     break;
+                }
+                _ = &mut expiry => {
+                    info!(remote = %connection.remote_address(), "closing a tunnel whose peer certificate expired");
+                    connection.close(5u32.into(), b"peer certificate expired");
                 }
                 _ = sample.tick() => metrics.rtt(connection.rtt()),
             }
