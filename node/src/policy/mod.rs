@@ -1,0 +1,20 @@
+//! Policy: SMI-shaped authorization and traffic documents, validated as a set, and the
+//! engine that decides whether a verified source may reach a destination.
+//!
+//! - [`model`] reads multi-document YAML into typed documents and validates the whole set,
+//!   reporting every error on one line (`FILE:LINE: document N (KIND NS/NAME): FIELD: MSG`).
+//! - [`engine`] compiles a set once and answers [`engine::Engine::decide`] per connection
+//!   or request, cheaply and without I/O.
+//! - `matcher` holds the regex anchoring, method and header matching, and path
+//!   normalisation that validation and enforcement share; `yaml` the line-numbered tree.
+//!
+//! This module never does I/O, signs, distributes or enforces: `weft policy apply`, the
+//! bundle distribution and the proxy's enforcement points sit around it.
+
+pub mod engine;
+pub mod matcher;
+pub mod model;
+mod yaml;
+
+#[cfg(test)]
+mod tests;
