@@ -195,11 +195,8 @@ impl TrustBundle {
 /// The trust domain a root names in its `spiffe://TD` URI SAN (as Weft roots do), if any.
 pub fn trust_domain_of_root(der: &CertificateDer<'_>) -> Option<TrustDomain> {
     let (_, cert) = X509Certificate::from_der(der.as_ref()).ok()?;
-    let san = cert.subject_alternative_name().ok()??;
-    san.value.general_names.iter().find_map(|name| match name {
-        GeneralName::URI(uri) => TrustDomain::new(uri).ok(),
-        _ => None,
-    })
+    let uris = crate::verify::uri_sans(&cert).ok()?;
+    uris.into_iter().find_map(|uri| TrustDomain::new(uri).ok())
 }
 
 /// PEM text of one certificate.

@@ -35,7 +35,7 @@ use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::{Deserialize, Serialize};
-use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::bundle::TrustBundle;
 use crate::pki::{OPERATOR_CERT, OPERATOR_KEY};
@@ -406,17 +406,8 @@ fn validate_scope(
 fn certificate_id(cert: &CertificateDer<'_>) -> Result<SpiffeId, String> {
     let (_, parsed) = X509Certificate::from_der(cert.as_ref())
         .map_err(|e| format!("certificate does not parse: {e}"))?;
-    let san = parsed
-        .subject_alternative_name()
-        .map_err(|e| format!("certificate subjectAltName: {e}"))?;
-    let uris: Vec<&str> = san
-        .iter()
-        .flat_map(|san| san.value.general_names.iter())
-        .filter_map(|name| match name {
-            GeneralName::URI(uri) => Some(*uri),
-            _ => None,
-        })
-        .collect();
+    let uris =
+        crate::verify::uri_sans(&parsed).map_err(|e| format!("certificate subjectAltName: {e}"))?;
     match uris.as_slice() {
         [uri] => SpiffeId::parse(uri).map_err(|e| format!("certificate URI SAN {uri:?}: {e}")),
         other => Err(format!(

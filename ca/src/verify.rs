@@ -368,21 +368,26 @@ fn parse<'a>(
     Ok(cert)
 }
 
-fn leaf_spiffe_id(leaf: &X509Certificate<'_>) -> Result<SpiffeId, SvidError> {
-    let san = leaf
-        .subject_alternative_name()
-        .map_err(|e| SvidError::BadCertificate {
-            position: ChainPosition(0),
-            reason: format!("subjectAltName: {e}"),
-        })?;
-    let uris: Vec<&str> = san
+/// The URI SANs of a certificate, in order (none when it has no subjectAltName).
+pub fn uri_sans<'a>(
+    cert: &X509Certificate<'a>,
+) -> Result<Vec<&'a str>, x509_parser::error::X509Error> {
+    Ok(cert
+        .subject_alternative_name()?
         .iter()
         .flat_map(|san| san.value.general_names.iter())
         .filter_map(|name| match name {
             GeneralName::URI(uri) => Some(*uri),
             _ => None,
         })
-        .collect();
+        .collect())
+}
+
+fn leaf_spiffe_id(leaf: &X509Certificate<'_>) -> Result<SpiffeId, SvidError> {
+    let uris = uri_sans(leaf).map_err(|e| SvidError::BadCertificate {
+        position: ChainPosition(0),
+        reason: format!("subjectAltName: {e}"),
+    })?;
     let uri = match uris.as_slice() {
         [] => return Err(SvidError::NoUriSan),
         [uri] => *uri,

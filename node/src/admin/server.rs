@@ -249,21 +249,14 @@ fn unix(t: std::time::SystemTime) -> u64 {
 }
 
 fn chain_link(der: &rustls_pki_types::CertificateDer<'_>) -> api::ChainLink {
-    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    use x509_parser::prelude::{FromDer, X509Certificate};
     match X509Certificate::from_der(der.as_ref()) {
         Ok((_, cert)) => api::ChainLink {
             subject: cert.subject().to_string(),
             issuer: cert.issuer().to_string(),
-            uri: cert
-                .subject_alternative_name()
+            uri: weft_ca::verify::uri_sans(&cert)
                 .ok()
-                .flatten()
-                .and_then(|san| {
-                    san.value.general_names.iter().find_map(|n| match n {
-                        GeneralName::URI(u) => Some(u.to_string()),
-                        _ => None,
-                    })
-                }),
+                .and_then(|uris| uris.first().map(|u| u.to_string())),
             not_after: cert.validity().not_after.timestamp().max(0) as u64,
         },
         Err(e) => api::ChainLink {
