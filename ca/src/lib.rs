@@ -1,10 +1,11 @@
 //! Weft identity: SPIFFE IDs, the PKI (offline root, operator credentials, CA-host
-//! intermediates), SVID issuance and verification, join tokens, trust bundles, the node
+//! intermediates), SVID issuance and verification, operator signatures, join tokens, trust bundles, the node
 //! scope, the CA protocol (server and client) and the TLS verifiers built on SVIDs.
 
 pub mod bundle;
 pub mod client;
 pub mod issuer;
+pub mod operator;
 pub mod pki;
 pub mod protocol;
 pub mod scope;
@@ -19,5 +20,6 @@ pub use issuer::{CertificateAuthority, IssueError, IssuedSvid};
 pub use pki::PkiError;
 pub use scope::NodeScope;
 pub use spiffe::{SpiffeId, SpiffeIdError, TrustDomain, WeftIdentity};
-pub use token::{JoinToken, OperatorCredential, TokenError};
+pub use operator::{OperatorCredential, OperatorError, OperatorSigner};
+pub use token::{JoinToken, TokenError};
 pub use verify::{SvidError, Usage, VerifiedSvid, parse_chain_pem, verify_svid};

@@ -20,28 +20,23 @@
 //!
 //! base64url is RFC 4648 §5 without padding. The services are sorted and de-duplicated.
 //! [`verify`] checks, in this order: size, shape and encoding; that the operator certificate
-//! is an SVID of the bundle ([`verify_svid`] for client use); that it names an operator of the
+//! is an SVID of the bundle ([`verify_operator_signature`]); that it names an operator of the
 //! bundle's trust domain; the signature; the payload; its trust domain; its node and service
 //! names; and its validity window.
 
-use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use rand::RngCore;
-use ring::rand::SystemRandom;
-use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
-use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::bundle::TrustBundle;
-use crate::pki::{OPERATOR_CERT, OPERATOR_KEY};
+use crate::operator::{OperatorCredential, OperatorError, OperatorSigner, verify_operator_signature};
 use crate::scope::NodeScope;
-use crate::spiffe::{SpiffeId, TrustDomain, WeftIdentity};
-use crate::verify::{SvidError, Usage, format_utc, to_system_time, unix_secs, verify_svid};
+use crate::spiffe::{SpiffeId, TrustDomain};
+use crate::verify::{SvidError, format_utc, to_system_time, unix_secs};
 
 /// The version prefix of the token text.
 pub const TOKEN_PREFIX: &str = "weft1";
@@ -100,6 +95,20 @@ pub enum TokenError {
     /// The operator credential given to `create` is unusable.
     #[error("operator credential: {0}")]
     Credential(String),
+}
+
+impl From<OperatorError> for TokenError {
+    fn from(error: OperatorError) -> TokenError {
+        match error {
+            OperatorError::Credential(reason) => TokenError::Credential(reason),
+            OperatorError::Malformed(reason) => {
+                TokenError::Malformed(format!("operator certificate does not parse: {reason}"))
+            }
+            OperatorError::Untrusted(e) => TokenError::UntrustedOperator(e),
+            OperatorError::NotOperator(id) => TokenError::NotOperator(id),
+            OperatorError::BadSignature => TokenError::BadSignature,
+        }
+    }
 }
 
 impl TokenError {
@@ -165,28 +174,7 @@ struct Payload {
     exp: i64,
 }
 
-/// An operator's certificate and key, as PEM text.
-pub struct OperatorCredential {
-    /// `operator.pem`.
-    pub cert_pem: Vec<u8>,
-    /// `operator.key` (PKCS#8).
-    pub key_pem: Vec<u8>,
-}
-
 impl OperatorCredential {
-    /// Reads `operator.pem` and `operator.key` from `dir` (where `weft ca init` wrote them).
-    pub fn load(dir: &Path) -> Result<OperatorCredential, TokenError> {
-        let read = |name: &str| {
-            let path = dir.join(name);
-            std::fs::read(&path)
-                .map_err(|e| TokenError::Credential(format!("{}: {e}", path.display())))
-        };
-        Ok(OperatorCredential {
-            cert_pem: read(OPERATOR_CERT)?,
-            key_pem: read(OPERATOR_KEY)?,
-        })
-    }
-
     /// Creates a token with this credential; see [`create`].
     pub fn create_token(
         &self,
@@ -233,24 +221,10 @@ pub fn create_at(
             ttl.as_secs()
         )));
     }
-    let cert = CertificateDer::from_pem_slice(operator_cert_pem)
-        .map_err(|e| TokenError::Credential(format!("operator certificate is not PEM: {e}")))?;
-    let operator = certificate_id(&cert).map_err(TokenError::Credential)?;
-    if !matches!(operator.kind(), WeftIdentity::Operator { .. }) {
-        return Err(TokenError::NotOperator(operator.to_string()));
-    }
     let now = issued_at;
-    check_certificate_current(&cert, now)?;
-    let key = operator_key(operator_key_pem)?;
-    let (_, parsed) = X509Certificate::from_der(cert.as_ref())
-        .map_err(|e| TokenError::Credential(e.to_string()))?;
-    if parsed.public_key().subject_public_key.data.as_ref() != key.public_key().as_ref() {
-        return Err(TokenError::Credential(
-            "operator key does not belong to the operator certificate".into(),
-        ));
-    }
-
-    let trust_domain = operator.trust_domain().clone();
+    let signer = OperatorSigner::new(operator_cert_pem, operator_key_pem, now)?;
+    let cert = signer.cert_der();
+    let trust_domain = signer.id().trust_domain().clone();
     let services = validate_scope(&trust_domain, node, services)?;
     let mut id = [0u8; 16];
     rand::rng().fill_bytes(&mut id);
@@ -269,10 +243,8 @@ pub fn create_at(
         URL_SAFE_NO_PAD.encode(json),
         URL_SAFE_NO_PAD.encode(cert.as_ref())
     );
-    let signature = key
-        .sign(&SystemRandom::new(), signed.as_bytes())
-        .map_err(|_| TokenError::Credential("signing failed".into()))?;
-    let token = format!("{signed}.{}", URL_SAFE_NO_PAD.encode(signature.as_ref()));
+    let signature = signer.sign(signed.as_bytes())?;
+    let token = format!("{signed}.{}", URL_SAFE_NO_PAD.encode(&signature));
     if token.len() > MAX_TOKEN_LEN {
         return Err(TokenError::InvalidScope(format!(
             "the token would be {} bytes, over the {MAX_TOKEN_LEN}-byte limit; name fewer services",
@@ -313,29 +285,14 @@ pub fn verify(token: &str, bundle: &TrustBundle, now: SystemTime) -> Result<Join
         .map_err(|_| malformed("signature is not base64url"))?;
 
     // The signer first: nothing in the payload means anything until it is authenticated.
-    let operator = match verify_svid(std::slice::from_ref(&cert), bundle, now, Usage::Client) {
-        Ok(svid) => svid.id,
-        Err(SvidError::BadCertificate { reason, .. }) => {
-            return Err(TokenError::Malformed(format!(
-                "operator certificate does not parse: {reason}"
-            )));
-        }
-        Err(e) => return Err(TokenError::UntrustedOperator(e)),
-    };
-    if !matches!(operator.kind(), WeftIdentity::Operator { .. }) {
-        return Err(TokenError::NotOperator(operator.to_string()));
-    }
-    let end_entity = webpki::EndEntityCert::try_from(&cert).map_err(|e| {
-        TokenError::Malformed(format!("operator certificate does not parse: {e:?}"))
-    })?;
     let signed_len = token.len() - sig_b64.len() - 1;
-    end_entity
-        .verify_signature(
-            webpki::ring::ECDSA_P256_SHA256,
-            &token.as_bytes()[..signed_len],
-            &signature,
-        )
-        .map_err(|_| TokenError::BadSignature)?;
+    let operator = verify_operator_signature(
+        &cert,
+        &token.as_bytes()[..signed_len],
+        &signature,
+        bundle,
+        now,
+    )?;
 
     let payload: Payload = serde_json::from_slice(&payload_json)
         .map_err(|e| TokenError::Malformed(format!("payload: {e}")))?;
@@ -400,58 +357,6 @@ fn validate_scope(
             .map_err(|e| TokenError::InvalidScope(format!("service {service:?}: {e}")))?;
     }
     Ok(NodeScope::new(services.iter().cloned()).services().to_vec())
-}
-
-/// The single URI SAN of a certificate, as a SPIFFE ID.
-fn certificate_id(cert: &CertificateDer<'_>) -> Result<SpiffeId, String> {
-    let (_, parsed) = X509Certificate::from_der(cert.as_ref())
-        .map_err(|e| format!("certificate does not parse: {e}"))?;
-    let uris =
-        crate::verify::uri_sans(&parsed).map_err(|e| format!("certificate subjectAltName: {e}"))?;
-    match uris.as_slice() {
-        [uri] => SpiffeId::parse(uri).map_err(|e| format!("certificate URI SAN {uri:?}: {e}")),
-        other => Err(format!(
-            "certificate has {} URI SANs; an SVID has exactly one",
-            other.len()
-        )),
-    }
-}
-
-/// Refuses to sign with an operator certificate outside its validity window.
-fn check_certificate_current(cert: &CertificateDer<'_>, now: SystemTime) -> Result<(), TokenError> {
-    let (_, parsed) = X509Certificate::from_der(cert.as_ref())
-        .map_err(|e| TokenError::Credential(e.to_string()))?;
-    let now = unix_secs(now);
-    let not_after = parsed.validity().not_after.timestamp();
-    if now > not_after {
-        return Err(TokenError::Credential(format!(
-            "operator certificate expired at {}",
-            format_utc(to_system_time(not_after))
-        )));
-    }
-    let not_before = parsed.validity().not_before.timestamp();
-    if now < not_before {
-        return Err(TokenError::Credential(format!(
-            "operator certificate is not valid before {}",
-            format_utc(to_system_time(not_before))
-        )));
-    }
-    Ok(())
-}
-
-fn operator_key(pem: &[u8]) -> Result<EcdsaKeyPair, TokenError> {
-    let key = PrivateKeyDer::from_pem_slice(pem).map_err(|e| {
-        TokenError::Credential(format!("operator key is not a PEM private key: {e}"))
-    })?;
-    let PrivateKeyDer::Pkcs8(pkcs8) = key else {
-        return Err(TokenError::Credential("operator key is not PKCS#8".into()));
-    };
-    EcdsaKeyPair::from_pkcs8(
-        &ECDSA_P256_SHA256_ASN1_SIGNING,
-        pkcs8.secret_pkcs8_der(),
-        &SystemRandom::new(),
-    )
-    .map_err(|e| TokenError::Credential(format!("operator key is not an ECDSA P-256 key: {e}")))
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -19,7 +19,8 @@ use weft_ca::bundle::pem_certificate;
 use weft_ca::pki::{
     self, CA_CERT, CA_KEY, OPERATOR_CERT, OPERATOR_KEY, ROOT_CERT, ROOT_KEY, SigningCa,
 };
-use weft_ca::token::{self, MAX_TOKEN_LEN, OperatorCredential, TokenError};
+use weft_ca::OperatorCredential;
+use weft_ca::token::{self, MAX_TOKEN_LEN, TokenError};
 use weft_ca::verify::SvidError;
 use weft_ca::{CertificateAuthority, SpiffeId, TrustBundle, TrustDomain};
 use x509_parser::prelude::{FromDer, X509Certificate};
