@@ -17,9 +17,9 @@ pub mod verify;
 
 pub use bundle::{BundleError, TrustBundle};
 pub use issuer::{CertificateAuthority, IssueError, IssuedSvid};
+pub use operator::{OperatorCredential, OperatorError, OperatorSigner};
 pub use pki::PkiError;
 pub use scope::NodeScope;
 pub use spiffe::{SpiffeId, SpiffeIdError, TrustDomain, WeftIdentity};
-pub use operator::{OperatorCredential, OperatorError, OperatorSigner};
 pub use token::{JoinToken, TokenError};
 pub use verify::{SvidError, Usage, VerifiedSvid, parse_chain_pem, verify_svid};

@@ -99,7 +99,9 @@ impl OperatorSigner {
         now: SystemTime,
     ) -> Result<OperatorSigner, OperatorError> {
         let cert = CertificateDer::from_pem_slice(cert_pem)
-            .map_err(|e| OperatorError::Credential(format!("operator certificate is not PEM: {e}")))?
+            .map_err(|e| {
+                OperatorError::Credential(format!("operator certificate is not PEM: {e}"))
+            })?
             .into_owned();
         let id = certificate_id(&cert).map_err(OperatorError::Credential)?;
         if !matches!(id.kind(), WeftIdentity::Operator { .. }) {
@@ -180,7 +182,10 @@ fn certificate_id(cert: &CertificateDer<'_>) -> Result<SpiffeId, String> {
 }
 
 /// Refuses to sign with an operator certificate outside its validity window.
-fn check_certificate_current(cert: &CertificateDer<'_>, now: SystemTime) -> Result<(), OperatorError> {
+fn check_certificate_current(
+    cert: &CertificateDer<'_>,
+    now: SystemTime,
+) -> Result<(), OperatorError> {
     let (_, parsed) = X509Certificate::from_der(cert.as_ref())
         .map_err(|e| OperatorError::Credential(e.to_string()))?;
     let now = unix_secs(now);
@@ -206,7 +211,9 @@ fn operator_key(pem: &[u8]) -> Result<EcdsaKeyPair, OperatorError> {
         OperatorError::Credential(format!("operator key is not a PEM private key: {e}"))
     })?;
     let PrivateKeyDer::Pkcs8(pkcs8) = key else {
-        return Err(OperatorError::Credential("operator key is not PKCS#8".into()));
+        return Err(OperatorError::Credential(
+            "operator key is not PKCS#8".into(),
+        ));
     };
     EcdsaKeyPair::from_pkcs8(
         &ECDSA_P256_SHA256_ASN1_SIGNING,

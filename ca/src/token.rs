@@ -33,7 +33,9 @@ use rustls_pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
 
 use crate::bundle::TrustBundle;
-use crate::operator::{OperatorCredential, OperatorError, OperatorSigner, verify_operator_signature};
+use crate::operator::{
+    OperatorCredential, OperatorError, OperatorSigner, verify_operator_signature,
+};
 use crate::scope::NodeScope;
 use crate::spiffe::{SpiffeId, TrustDomain};
 use crate::verify::{SvidError, format_utc, to_system_time, unix_secs};

@@ -15,11 +15,11 @@ use ring::signature::{
 };
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use weft_ca::OperatorCredential;
 use weft_ca::bundle::pem_certificate;
 use weft_ca::pki::{
     self, CA_CERT, CA_KEY, OPERATOR_CERT, OPERATOR_KEY, ROOT_CERT, ROOT_KEY, SigningCa,
 };
-use weft_ca::OperatorCredential;
 use weft_ca::token::{self, MAX_TOKEN_LEN, TokenError};
 use weft_ca::verify::SvidError;
 use weft_ca::{CertificateAuthority, SpiffeId, TrustBundle, TrustDomain};
