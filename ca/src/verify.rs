@@ -337,7 +337,7 @@ pub fn format_utc(t: SystemTime) -> String {
 }
 
 /// Seconds since the Unix epoch, negative before it.
-pub(crate) fn unix_secs(t: SystemTime) -> i64 {
+pub fn unix_secs(t: SystemTime) -> i64 {
     match t.duration_since(SystemTime::UNIX_EPOCH) {
         Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
         Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
@@ -345,7 +345,7 @@ pub(crate) fn unix_secs(t: SystemTime) -> i64 {
 }
 
 /// The time `secs` seconds after (or before) the Unix epoch.
-pub(crate) fn to_system_time(secs: i64) -> SystemTime {
+pub fn to_system_time(secs: i64) -> SystemTime {
     if secs >= 0 {
         SystemTime::UNIX_EPOCH + Duration::from_secs(secs as u64)
     } else {

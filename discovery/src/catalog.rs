@@ -62,6 +62,9 @@ pub struct Member {
     /// Join-token ids this member redeemed (CA hosts only).
     #[serde(default)]
     pub redeemed_tokens: Vec<String>,
+    /// The policy bundle the member says it enforces.
+    #[serde(default)]
+    pub policy: Option<crate::record::PolicyAdvert>,
     /// Whether this member is the local agent.
     pub is_self: bool,
 }
@@ -172,6 +175,10 @@ impl Catalog {
             };
             let keyring = list(crate::record::KEYRING_KEY);
             let redeemed_tokens = list(crate::record::REDEEMED_KEY);
+            let policy = node
+                .key_values
+                .get(crate::record::POLICY_KEY)
+                .and_then(|v| crate::record::PolicyAdvert::decode(v));
 
             if let (Some(record), true) = (&record, state.is_routable()) {
                 for (key, value) in &node.key_values {
@@ -205,6 +212,7 @@ impl Catalog {
                     record,
                     keyring,
                     redeemed_tokens,
+                    policy,
                     is_self: node.is_self,
                 },
             );

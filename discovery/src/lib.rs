@@ -16,5 +16,5 @@ pub use catalog::{Catalog, CatalogHandle, Endpoint, Member, MemberState};
 pub use keyring::{GossipKey, Keyring, KeyringError, SharedKeyring};
 pub use membership::{DiscoveryError, Membership, MembershipConfig};
 pub use metrics::{GossipMetrics, PacketOutcome};
-pub use record::{Health, NodeRecord, Protocol, ServiceKey, ServiceRecord};
+pub use record::{Health, NodeRecord, PolicyAdvert, Protocol, ServiceKey, ServiceRecord};
 pub use transport::{SealConfig, SealedTransport};

@@ -246,6 +246,17 @@ impl Membership {
             .await;
     }
 
+    /// Advertises the policy bundle this agent enforces.
+    pub async fn set_policy(&self, advert: &crate::record::PolicyAdvert) {
+        let value = advert.encode();
+        self.chitchat
+            .with_chitchat(|c| {
+                c.self_node_state()
+                    .set(crate::record::POLICY_KEY, value.clone())
+            })
+            .await;
+    }
+
     /// Leaves gracefully: announces `left`, pushes it to every live peer at once, waits a
     /// gossip round so it spreads, then stops gossiping.
     pub async fn leave(self) {

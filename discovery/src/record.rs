@@ -19,6 +19,10 @@ pub const KEYRING_KEY: &str = "keyring";
 /// Key holding the join-token ids a CA host redeemed (still inside their lifetime), comma
 /// separated, so other CA hosts refuse them too.
 pub const REDEEMED_KEY: &str = "ca.redeemed";
+/// Key holding the policy bundle the member enforces, as `VERSION:DIGEST` (SHA-256 hex);
+/// absent before any bundle. Only an advertisement: the bundle itself is fetched from the
+/// member and verified, never believed from gossip.
+pub const POLICY_KEY: &str = "policy";
 /// Prefix of the keys holding one JSON [`ServiceRecord`] each; the rest of the key is
 /// `namespace/name`.
 pub const SERVICE_PREFIX: &str = "svc:";
@@ -205,5 +209,54 @@ mod tests {
         )
         .unwrap();
         assert_eq!(ok.health, Health::Failing);
+    }
+}
+
+/// A member's advertised policy bundle ([`POLICY_KEY`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyAdvert {
+    /// The bundle's version.
+    pub version: u64,
+    /// SHA-256 of its payload, hex.
+    pub digest: String,
+}
+
+impl PolicyAdvert {
+    /// The gossip value, `VERSION:DIGEST`.
+    pub fn encode(&self) -> String {
+        format!("{}:{}", self.version, self.digest)
+    }
+
+    /// Reads a gossip value; `None` if it is not `VERSION:DIGEST` with a 64-hex digest.
+    pub fn decode(value: &str) -> Option<PolicyAdvert> {
+        let (version, digest) = value.split_once(':')?;
+        let valid = digest.len() == 64 && digest.bytes().all(|b| b.is_ascii_hexdigit());
+        Some(PolicyAdvert {
+            version: version.parse().ok()?,
+            digest: valid.then(|| digest.to_ascii_lowercase())?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod policy_advert_tests {
+    use super::PolicyAdvert;
+
+    #[test]
+    fn adverts_round_trip_and_bad_values_are_skipped() {
+        let advert = PolicyAdvert {
+            version: 42,
+            digest: "ab".repeat(32),
+        };
+        assert_eq!(PolicyAdvert::decode(&advert.encode()), Some(advert));
+        for bad in [
+            "",
+            "42",
+            "x:ab",
+            "42:abc",
+            &format!("42:{}", "zz".repeat(32)),
+        ] {
+            assert_eq!(PolicyAdvert::decode(bad), None, "{bad:?}");
+        }
     }
 }

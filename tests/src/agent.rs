@@ -186,6 +186,11 @@ impl Pki {
         Pki { dir: root }
     }
 
+    /// The directory holding the operator credential (`--operator`).
+    pub fn operator_dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// The root certificate (trust bundle).
     pub fn bundle(&self) -> PathBuf {
         self.dir.join(weft_ca::pki::ROOT_CERT)
@@ -336,6 +341,18 @@ impl TestAgent {
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join(format!("{}.log", self.spec.name)))
             .unwrap_or_default()
+    }
+
+    /// Runs the real CLI against this agent (`--socket`), with `WEFT_OPERATOR` set to
+    /// `operator` when given.
+    pub fn cli(&self, args: &[&str], operator: Option<&Path>) -> std::process::Output {
+        let mut command = Command::new(weft_bin());
+        command.args(args).arg("--socket").arg(self.socket());
+        match operator {
+            Some(dir) => command.env("WEFT_OPERATOR", dir),
+            None => command.env_remove("WEFT_OPERATOR"),
+        };
+        command.output().expect("run weft")
     }
 
     /// Runs a read command of the real CLI with `--json` against this agent.

@@ -19,6 +19,14 @@ pub mod paths {
     pub const GOSSIP_KEYS: &str = "/v1/gossip/keys";
     /// `GET`: identities held ([`super::CertsReport`]).
     pub const CERTS: &str = "/v1/certs";
+    /// `GET`: the policy bundle in force ([`super::PolicyReport`]); `POST` a signed bundle to
+    /// offer it ([`super::PolicyApplied`]; 422 with the reason if refused).
+    pub const POLICY: &str = "/v1/policy";
+    /// `GET`: each member's policy version ([`super::PolicyStatusReport`]).
+    pub const POLICY_STATUS: &str = "/v1/policy/status";
+    /// `GET ?from=SVC&to=SVC[&port=P][&method=M&path=P]`: a decision explained
+    /// ([`super::WhyReport`]).
+    pub const WHY: &str = "/v1/why";
     /// `GET`: Prometheus text.
     pub const METRICS: &str = "/metrics";
     /// `GET`: 200 when ready to serve, 503 otherwise.
@@ -95,6 +103,93 @@ pub struct StatusReport {
     pub is_ca_host: bool,
     /// Services this host runs.
     pub services: Vec<LocalService>,
+    /// Version of the policy bundle in force (0: none published).
+    #[serde(default)]
+    pub policy_version: u64,
+}
+
+/// The policy bundle in force, as `weft policy get` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyReport {
+    /// `published`, `unpublished` (none yet: authenticated traffic is allowed) or
+    /// `unavailable` (the persisted bundle failed verification: everything is denied).
+    pub state: String,
+    /// Its version (0 when none).
+    pub version: u64,
+    /// SHA-256 of its payload, hex.
+    pub digest: Option<String>,
+    /// Who signed it.
+    pub operator: Option<String>,
+    /// When it was signed, unix seconds.
+    pub issued_at: Option<u64>,
+    /// Its files, as written.
+    pub files: Vec<PolicyFileText>,
+}
+
+/// One file of a policy bundle.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyFileText {
+    /// File name.
+    pub name: String,
+    /// YAML text.
+    pub text: String,
+}
+
+/// The answer to an offered bundle.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyApplied {
+    /// `applied` or `current` (it was already in force).
+    pub result: String,
+    /// The version in force now.
+    pub version: u64,
+}
+
+/// Which policy version each member runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyStatusReport {
+    /// This agent's version (0: none).
+    pub version: u64,
+    /// This agent's digest.
+    pub digest: Option<String>,
+    /// Every alive or suspect member.
+    pub members: Vec<MemberPolicy>,
+    /// Whether every one of them runs this agent's version and digest.
+    pub converged: bool,
+}
+
+/// One member's advertised policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberPolicy {
+    /// Node name.
+    pub node: String,
+    /// Its gossip state.
+    pub state: String,
+    /// Its version (0: none advertised).
+    pub version: u64,
+    /// Its digest.
+    pub digest: Option<String>,
+}
+
+/// A decision explained, for `weft why`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WhyReport {
+    /// The source identity the question was put for.
+    pub source: String,
+    /// The destination service.
+    pub destination: String,
+    /// The port decided for.
+    pub port: u16,
+    /// `allow`, `deny`, or `per-request` (an HTTP destination whose rules look at the request:
+    /// give a method and path).
+    pub decision: String,
+    /// The reason label (as in metrics and `weft-deny-reason`).
+    pub reason: Option<String>,
+    /// The TrafficTarget that decided.
+    pub document: Option<String>,
+    /// The rule that decided.
+    pub rule: Option<String>,
+    /// Policy version the answer comes from.
+    pub policy_version: u64,
 }
 
 /// One certificate of a chain, as shown to operators.

@@ -1,10 +1,10 @@
-//! The CLI's side of the admin API: one HTTP/1.1 GET over the agent's Unix socket.
+//! The CLI's side of the admin API: one HTTP/1.1 request over the agent's Unix socket.
 
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
-use hyper::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 
@@ -40,6 +40,20 @@ impl AdminClient {
 
     /// GETs `path` and returns the status and body.
     pub async fn get(&self, path: &str) -> Result<(StatusCode, Bytes), ClientError> {
+        self.send(Method::GET, path, Bytes::new()).await
+    }
+
+    /// POSTs `body` to `path` and returns the status and body.
+    pub async fn post(&self, path: &str, body: Bytes) -> Result<(StatusCode, Bytes), ClientError> {
+        self.send(Method::POST, path, body).await
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Bytes,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
         let stream = tokio::net::UnixStream::connect(&self.socket)
             .await
             .map_err(|e| ClientError::Connect(self.socket.clone(), e))?;
@@ -47,9 +61,11 @@ impl AdminClient {
             .await
             .map_err(|e| ClientError::Http(path.into(), e))?;
         tokio::spawn(connection);
-        let request = Request::get(path)
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
             .header(hyper::header::HOST, "weft-admin")
-            .body(Empty::<Bytes>::new())
+            .body(Full::new(body))
             .expect("admin paths are valid URIs");
         let response = sender
             .send_request(request)

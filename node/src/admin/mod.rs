@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod client;
+mod policy;
 pub mod server;
 
 pub use client::AdminClient;

@@ -22,6 +22,7 @@ use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use super::api::{self, KeysReport, LocalService, MemberCounts, ServiceEntry, StatusReport, paths};
+use super::policy;
 use crate::agent::Shared;
 
 /// Errors binding the admin listeners.
@@ -114,9 +115,19 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     tokio::spawn(async move {
-        let service = hyper::service::service_fn(move |request| {
+        let service = hyper::service::service_fn(move |request: Request<Incoming>| {
             let shared = shared.clone();
-            async move { Ok::<_, Infallible>(route(&shared, surface, &request)) }
+            async move {
+                let response = if surface == Surface::Socket
+                    && request.method() == Method::POST
+                    && request.uri().path() == paths::POLICY
+                {
+                    policy::offer(&shared, request).await
+                } else {
+                    route(&shared, surface, &request)
+                };
+                Ok::<_, Infallible>(response)
+            }
         });
         if let Err(error) = hyper::server::conn::http1::Builder::new()
             .serve_connection(io, service)
@@ -129,7 +140,10 @@ where
 
 fn route(shared: &Shared, surface: Surface, request: &Request<Incoming>) -> Response<Full<Bytes>> {
     if request.method() != Method::GET {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is supported\n");
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "only GET is supported (and POST /v1/policy on the socket)\n",
+        );
     }
     match (surface, request.uri().path()) {
         (_, paths::LIVE) => text(StatusCode::OK, "live\n"),
@@ -160,6 +174,12 @@ fn route(shared: &Shared, surface: Surface, request: &Request<Incoming>) -> Resp
             )
         }
         (Surface::Socket, paths::STATUS) => json(&status(shared)),
+        (Surface::Socket, paths::POLICY) => json(&policy::report(shared)),
+        (Surface::Socket, paths::POLICY_STATUS) => json(&policy::status(shared)),
+        (Surface::Socket, paths::WHY) => match policy::why(shared, request.uri()) {
+            Ok(report) => json(&report),
+            Err(reason) => text_owned(StatusCode::BAD_REQUEST, format!("{reason}\n")),
+        },
         (Surface::Socket, paths::CERTS) => json(&certs(shared)),
         (Surface::Socket, paths::GOSSIP_KEYS) => {
             let catalog = shared.catalog.current();
@@ -223,10 +243,12 @@ fn status(shared: &Shared) -> StatusReport {
         ca_hosts: crate::identity::ca_hosts(&shared.catalog, &config.node.name).len(),
         is_ca_host: config.ca.is_some(),
         services,
+        policy_version: shared.policy.active().version(),
     }
 }
 
-fn json<T: Serialize>(value: &T) -> Response<Full<Bytes>> {
+/// A JSON response.
+pub(super) fn json<T: Serialize>(value: &T) -> Response<Full<Bytes>> {
     let body = serde_json::to_vec(value).expect("admin documents always serialize");
     Response::builder()
         .header(header::CONTENT_TYPE, "application/json")
@@ -235,10 +257,15 @@ fn json<T: Serialize>(value: &T) -> Response<Full<Bytes>> {
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    text_owned(status, body.to_string())
+}
+
+/// A plain-text response.
+pub(super) fn text_owned(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
-        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .body(Full::new(Bytes::from(body)))
         .expect("static response parts are valid")
 }
 

@@ -7,6 +7,8 @@
 //! without half-joining); on stop the agent turns not-ready first, then leaves gossip, then
 //! closes the endpoint and the admin API.
 
+pub mod policy;
+pub mod policy_sync;
 mod reload;
 
 use std::collections::BTreeMap;
@@ -40,6 +42,7 @@ use crate::proxy::outbound::Upstreams;
 use crate::proxy::tunnel::TunnelPool;
 use crate::proxy::{ProxyContext, ProxyMetrics};
 use crate::telemetry::LogControl;
+use policy::PolicyStore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -61,6 +64,8 @@ pub struct Shared {
     pub identities: SharedIdentities,
     /// Every metric.
     pub metrics: AgentMetrics,
+    /// The policy in force.
+    pub policy: PolicyStore,
     /// Gossip incarnation of this run.
     pub generation: u64,
     /// When this run started.
@@ -180,8 +185,11 @@ impl Agent {
             ))
         });
 
+        let policy = PolicyStore::load(&config.node.data_dir, bundle.clone(), metrics.registry())
+            .context("failed to register metrics")?;
         let identities: SharedIdentities = Arc::default();
         let shared = Arc::new(Shared {
+            policy,
             catalog: catalog.clone(),
             generation: membership.generation(),
             keyring,
@@ -235,6 +243,7 @@ impl Agent {
         let tasks = vec![
             tokio::spawn(admin.serve(shared.clone(), stop_rx.clone())),
             tokio::spawn(endpoint.serve(ca_server.clone(), proxy.clone(), stop_rx.clone())),
+            tokio::spawn(policy_sync::run(proxy.clone(), stop_rx.clone())),
             tokio::spawn(identity::run(context, services_rx, stop_rx)),
         ];
         let (results_tx, results_rx) = mpsc::channel(64);
@@ -274,6 +283,7 @@ impl Agent {
     pub async fn run(mut self, mut control: mpsc::Receiver<Control>) -> anyhow::Result<()> {
         let mut publish = tokio::time::interval(PUBLISH_INTERVAL);
         let mut published: Vec<String> = Vec::new();
+        let mut advertised_policy = None;
         let gossip_failure = self.membership.failure();
         tokio::pin!(gossip_failure);
         let mut failure = None;
@@ -291,6 +301,13 @@ impl Agent {
                 Some(result) = self.results_rx.recv() => self.apply_health(result).await,
                 _ = publish.tick() => {
                     self.publish_health().await;
+                    let policy = self.shared.policy.active().advert();
+                    if policy != advertised_policy {
+                        if let Some(advert) = &policy {
+                            self.membership.set_policy(advert).await;
+                        }
+                        advertised_policy = policy;
+                    }
                     if let Some(server) = &self.ca_server {
                         let ids = server.redeemed_ids();
                         if ids != published {

@@ -6,6 +6,7 @@ mod agent;
 mod ca;
 mod certs;
 mod gossip;
+mod policy;
 mod read;
 mod table;
 
@@ -80,6 +81,31 @@ pub enum Command {
     Token {
         #[command(subcommand)]
         command: TokenCommand,
+    },
+    /// Policies: publish a signed set, show the one in force, or each member's version.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+    /// Explain the authorization decision for a source, destination and request.
+    Why {
+        /// Source service (`NAME`, `NAMESPACE/NAME`) or SPIFFE ID.
+        #[arg(long)]
+        from: String,
+        /// Destination service (`NAME` or `NAMESPACE/NAME`).
+        #[arg(long)]
+        to: String,
+        /// Destination port (default: the service's registered port).
+        #[arg(long)]
+        port: Option<u16>,
+        /// HTTP method, for HTTP services.
+        #[arg(long, requires = "path")]
+        method: Option<String>,
+        /// HTTP path, for HTTP services.
+        #[arg(long, requires = "method")]
+        path: Option<String>,
+        #[command(flatten)]
+        read: ReadArgs,
     },
     /// Print a shell completion script.
     Completions {
@@ -159,6 +185,32 @@ pub enum CaCommand {
     },
 }
 
+/// `weft policy …`.
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Validate a policy set, sign it with the operator credential and hand it to the local
+    /// agent, which spreads it to every member.
+    Apply {
+        /// A policy file, or a directory of *.yaml / *.yml files; repeat for several.
+        #[arg(short = 'f', long = "file", required = true)]
+        files: Vec<PathBuf>,
+        /// Directory with operator.pem and operator.key (from `weft ca init`).
+        #[arg(long, env = "WEFT_OPERATOR")]
+        operator: Option<PathBuf>,
+        /// Version to publish (default: seconds since the epoch, or one past the version in
+        /// force if that is higher).
+        #[arg(long = "policy-version")]
+        policy_version: Option<u64>,
+        /// Only validate; sign and publish nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Show the policy set in force on this agent.
+    Get(ReadArgs),
+    /// Show each member's policy version, and whether the mesh has converged.
+    Status(ReadArgs),
+}
+
 /// `weft gossip …`.
 #[derive(Debug, Subcommand)]
 pub enum GossipCommand {
@@ -219,6 +271,45 @@ pub fn run(cli: Cli) -> ExitCode {
                     operator,
                 },
         } => certs::token_create(operator, node, services, ttl),
+        Command::Policy {
+            command:
+                PolicyCommand::Apply {
+                    files,
+                    operator,
+                    policy_version,
+                    dry_run,
+                },
+        } => policy::apply(
+            &admin_socket(&cli),
+            files,
+            operator.as_deref(),
+            *policy_version,
+            *dry_run,
+        ),
+        Command::Policy {
+            command: PolicyCommand::Get(read),
+        } => policy::get(&admin_socket(&cli), *read),
+        Command::Policy {
+            command: PolicyCommand::Status(read),
+        } => policy::status(&admin_socket(&cli), *read),
+        Command::Why {
+            from,
+            to,
+            port,
+            method,
+            path,
+            read,
+        } => policy::why(
+            &admin_socket(&cli),
+            &policy::WhyQuestion {
+                from,
+                to,
+                port: *port,
+                method: method.as_deref(),
+                path: path.as_deref(),
+            },
+            *read,
+        ),
         Command::Completions { shell } => {
             clap_complete::generate(*shell, &mut Cli::command(), "weft", &mut std::io::stdout());
             Ok(())
@@ -245,5 +336,15 @@ fn admin_socket(cli: &Cli) -> PathBuf {
     match Config::load(&cli.config) {
         Ok(config) => config.admin.socket,
         Err(_) => Path::new("/run/weft/admin.sock").to_path_buf(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        super::Cli::command().debug_assert();
     }
 }

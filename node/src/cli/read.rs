@@ -125,6 +125,10 @@ pub(super) fn status(socket: &Path, read: ReadArgs) -> anyhow::Result<()> {
         status.version, status.generation
     );
     println!("ready:         {}", if status.ready { "yes" } else { "no" });
+    match status.policy_version {
+        0 => println!("policy:        none published (authenticated traffic is allowed)"),
+        version => println!("policy:        version {version}"),
+    }
     println!("uptime:        {}", table::age(status.uptime_secs));
     println!("config:        {}", status.config.display());
     println!("gossip:        {}", status.gossip_addr);

@@ -32,7 +32,7 @@ use weft_ca::tls::{ALPN_CA, AlpnCertResolver, SharedBundle, certified_key};
 use weft_ca::{CertificateAuthority, NodeScope, SpiffeId, TrustDomain, Usage, verify_svid};
 use weft_discovery::{CatalogHandle, ServiceKey};
 
-pub use store::SvidFiles;
+pub use store::{SvidFiles, write_atomic};
 
 /// Lifetime of the certificate a CA host serves the CA protocol with.
 const CA_SERVER_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -259,6 +259,8 @@ impl IdentityContext {
                 // Tunnels are served with the node SVID; new handshakes use the new one.
                 self.resolver
                     .set(crate::proxy::tunnel::ALPN_TUNNEL, node.key.clone());
+                self.resolver
+                    .set(crate::agent::policy_sync::ALPN_POLICY, node.key.clone());
                 self.publish(|ids| ids.node = Some(node.clone()));
                 node
             }

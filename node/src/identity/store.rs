@@ -62,7 +62,9 @@ impl SvidFiles {
     }
 }
 
-fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
+/// Writes `contents` to `path` through a temporary file and a rename, with `mode` from the
+/// first byte, so readers see the old or the new file, never half of one.
+pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     let mut file = std::fs::OpenOptions::new()
         .write(true)

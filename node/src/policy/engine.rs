@@ -60,6 +60,9 @@ pub struct HttpRequest<'a> {
 pub enum DecisionReason {
     /// No policy set has been published yet: authenticated traffic is allowed.
     NotPublished,
+    /// The agent holds a policy bundle it cannot use (e.g. its persisted copy failed
+    /// verification) and has no good one yet: everything is denied until one arrives.
+    Unavailable,
     /// No TrafficTarget names the destination, and the mesh default is allow.
     NoPolicy,
     /// A TrafficTarget allows it.
@@ -77,6 +80,7 @@ impl DecisionReason {
     pub fn as_str(self) -> &'static str {
         match self {
             DecisionReason::NotPublished => "not_published",
+            DecisionReason::Unavailable => "policy_unavailable",
             DecisionReason::NoPolicy => "no_policy",
             DecisionReason::AllowedByTarget => "allowed_by_target",
             DecisionReason::DefaultDeny => "default_deny",
@@ -134,8 +138,14 @@ impl fmt::Display for Decision {
 /// A compiled policy set.
 #[derive(Debug, Clone)]
 pub struct Engine {
-    /// `None` until a policy set is published.
-    policy: Option<CompiledPolicy>,
+    state: State,
+}
+
+#[derive(Debug, Clone)]
+enum State {
+    Unpublished,
+    Unavailable,
+    Published(CompiledPolicy),
 }
 
 #[derive(Debug, Clone)]
@@ -182,7 +192,26 @@ type MatcherCache<'s> = HashMap<(&'s str, &'s str, &'s str), Option<Arc<HttpMatc
 impl Engine {
     /// The engine before any policy set is published: authenticated traffic is allowed.
     pub fn unpublished() -> Engine {
-        Engine { policy: None }
+        Engine {
+            state: State::Unpublished,
+        }
+    }
+
+    /// The engine of an agent that must not fall back to allowing: every request is denied
+    /// (reason `policy_unavailable`) until a good policy set replaces it.
+    pub fn unavailable() -> Engine {
+        Engine {
+            state: State::Unavailable,
+        }
+    }
+
+    /// `unpublished`, `unavailable` or `published`.
+    pub fn state_name(&self) -> &'static str {
+        match self.state {
+            State::Unpublished => "unpublished",
+            State::Unavailable => "unavailable",
+            State::Published(_) => "published",
+        }
     }
 
     /// Compiles a validated set. ServiceAccount subjects become service SPIFFE IDs in
@@ -224,7 +253,7 @@ impl Engine {
             }
         }
         Engine {
-            policy: Some(CompiledPolicy {
+            state: State::Published(CompiledPolicy {
                 default: set.default_policy(),
                 destinations,
             }),
@@ -234,17 +263,9 @@ impl Engine {
     /// Decides one request. Cost: two hash lookups, then the rules of the TrafficTargets
     /// that name both this destination and this source.
     pub fn decide(&self, request: &Request<'_>) -> Decision {
-        let Some(policy) = &self.policy else {
-            return Decision::new(true, DecisionReason::NotPublished);
-        };
-        let Some(destination) = policy.destinations.get(request.destination) else {
-            return match policy.default {
-                DefaultPolicy::Allow => Decision::new(true, DecisionReason::NoPolicy),
-                DefaultPolicy::Deny => Decision::new(false, DecisionReason::DefaultDeny),
-            };
-        };
-        let Some(candidates) = destination.by_source.get(request.source) else {
-            return Decision::new(false, DecisionReason::NoMatchingTarget);
+        let (destination, candidates) = match self.candidates(request.source, request.destination) {
+            Ok(found) => found,
+            Err(decision) => return decision,
         };
         let mut path = None;
         for &i in candidates {
@@ -258,14 +279,84 @@ impl Engine {
                 };
             }
         }
-        Decision {
-            allowed: false,
-            reason: DecisionReason::RouteNotMatched,
-            document: candidates
-                .first()
-                .map(|&i| destination.targets[i].label.clone()),
-            rule: None,
+        route_not_matched(destination, candidates)
+    }
+
+    /// For a connection to an HTTP destination: the decision every request on it would get,
+    /// when that does not depend on the request (so the proxy may pass bytes through), or
+    /// `None` when each request must be decided on its own.
+    pub fn decide_connection(
+        &self,
+        source: &SpiffeId,
+        destination: &ServiceKey,
+        port: u16,
+    ) -> Option<Decision> {
+        let (compiled, candidates) = match self.candidates(source, destination) {
+            Ok(found) => found,
+            Err(decision) => return Some(decision),
+        };
+        let mut per_request = false;
+        for &i in candidates {
+            let target = &compiled.targets[i];
+            if target.broken || target.port.is_some_and(|p| p != port) {
+                continue;
+            }
+            let tcp_hit = target
+                .tcp
+                .iter()
+                .find(|r| r.ports.is_empty() || r.ports.contains(&port));
+            if !target.tcp.is_empty() && tcp_hit.is_none() {
+                continue;
+            }
+            match (target.http.is_empty(), tcp_hit) {
+                (true, Some(rule)) => {
+                    return Some(Decision {
+                        allowed: true,
+                        reason: DecisionReason::AllowedByTarget,
+                        document: Some(target.label.clone()),
+                        rule: Some(rule.label.clone()),
+                    });
+                }
+                (false, _) => per_request = true,
+                (true, None) => {}
+            }
         }
+        (!per_request).then(|| route_not_matched(compiled, candidates))
+    }
+
+    /// The TrafficTargets naming this destination and source, or the decision when there
+    /// are none to look at.
+    fn candidates(
+        &self,
+        source: &SpiffeId,
+        destination: &ServiceKey,
+    ) -> Result<(&Destination, &[usize]), Decision> {
+        let policy = match &self.state {
+            State::Unpublished => return Err(Decision::new(true, DecisionReason::NotPublished)),
+            State::Unavailable => return Err(Decision::new(false, DecisionReason::Unavailable)),
+            State::Published(policy) => policy,
+        };
+        let Some(compiled) = policy.destinations.get(destination) else {
+            return Err(match policy.default {
+                DefaultPolicy::Allow => Decision::new(true, DecisionReason::NoPolicy),
+                DefaultPolicy::Deny => Decision::new(false, DecisionReason::DefaultDeny),
+            });
+        };
+        match compiled.by_source.get(source) {
+            Some(candidates) => Ok((compiled, candidates)),
+            None => Err(Decision::new(false, DecisionReason::NoMatchingTarget)),
+        }
+    }
+}
+
+fn route_not_matched(destination: &Destination, candidates: &[usize]) -> Decision {
+    Decision {
+        allowed: false,
+        reason: DecisionReason::RouteNotMatched,
+        document: candidates
+            .first()
+            .map(|&i| destination.targets[i].label.clone()),
+        rule: None,
     }
 }
 

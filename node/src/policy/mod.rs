@@ -8,9 +8,13 @@
 //! - `matcher` holds the regex anchoring, method and header matching, and path
 //!   normalisation that validation and enforcement share; `yaml` the line-numbered tree.
 //!
-//! This module never does I/O, signs, distributes or enforces: `weft policy apply`, the
-//! bundle distribution and the proxy's enforcement points sit around it.
+//! - [`bundle`] is the signed form a set travels and rests in (`weft policy apply` signs it,
+//!   every agent verifies it).
+//!
+//! These modules do no I/O: the agent's policy store and sync (`crate::agent::policy`) and
+//! the proxy's enforcement points sit around them.
 
+pub mod bundle;
 pub mod engine;
 pub mod matcher;
 pub mod model;

@@ -1488,3 +1488,61 @@ fn decision_cost_stays_flat_from_10_to_1000_traffic_targets() {
         );
     }
 }
+
+#[test]
+fn a_connection_is_decided_once_unless_http_rules_apply() {
+    let (a, b, c) = (
+        sa(NS, "service-a"),
+        key(NS, "service-b"),
+        sa(NS, "service-c"),
+    );
+    // Unpublished: allowed as a whole.
+    let open = Engine::unpublished().decide_connection(&a, &b, 9091);
+    assert_eq!(open.map(|d| d.reason), Some(DecisionReason::NotPublished));
+    // HTTPRouteGroup rules: each request is decided on its own...
+    let engine = Engine::new(
+        &parse(&[("mesh.yaml", MESH_DENY), ("spec.yaml", MESHERY_SPEC_PATH)]),
+        &td(),
+    );
+    assert_eq!(engine.decide_connection(&a, &b, 9091), None);
+    // ...but a source no target lists, or a port no target allows, is denied as a whole.
+    let stranger = engine.decide_connection(&c, &b, 9091).expect("decided");
+    assert_eq!(
+        (stranger.allowed, stranger.reason),
+        (false, DecisionReason::NoMatchingTarget)
+    );
+    let wrong_port = engine.decide_connection(&a, &b, 9092).expect("decided");
+    assert_eq!(
+        (wrong_port.allowed, wrong_port.reason),
+        (false, DecisionReason::RouteNotMatched)
+    );
+    // A destination no target names follows the mesh default.
+    let other = engine
+        .decide_connection(&a, &key(NS, "service-z"), 80)
+        .expect("decided");
+    assert_eq!(other.reason, DecisionReason::DefaultDeny);
+}
+
+#[test]
+fn a_tcp_route_only_target_allows_the_whole_connection() {
+    let engine = engine(MESHERY_ACCESS_ALLOW);
+    let decision = engine
+        .decide_connection(&sa(NS, "service-a"), &key(NS, "service-b"), 9091)
+        .expect("decided without looking at requests");
+    assert_eq!(
+        (decision.allowed, decision.reason),
+        (true, DecisionReason::AllowedByTarget)
+    );
+}
+
+#[test]
+fn an_unavailable_policy_denies_everything() {
+    let engine = Engine::unavailable();
+    let d = tcp(&engine, &sa(NS, "a"), &key(NS, "b"), 80);
+    assert_eq!((d.allowed, d.reason), (false, DecisionReason::Unavailable));
+    assert_eq!(d.reason.as_str(), "policy_unavailable");
+    let c = engine
+        .decide_connection(&sa(NS, "a"), &key(NS, "b"), 80)
+        .expect("decided");
+    assert!(!c.allowed);
+}

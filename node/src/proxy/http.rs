@@ -21,10 +21,8 @@
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -34,12 +32,12 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 use weft_discovery::ServiceKey;
 
-use super::outbound::{self, ConnectError, Duplex};
+use super::metered::Metered;
+use super::outbound::{self, ConnectError};
 use super::{Direction, ProxyContext, source_label, splice};
 
 /// The domain under which mesh services are addressed.
@@ -462,59 +460,6 @@ fn bad_gateway(
         REASON,
         format!("weft: {service} failed to answer: {error}\n"),
     )
-}
-
-/// A mesh stream that counts the bytes it carries, for the per-request byte metrics.
-struct Metered {
-    inner: Pin<Box<dyn Duplex>>,
-    read: Arc<AtomicU64>,
-    written: Arc<AtomicU64>,
-}
-
-impl Metered {
-    fn new(inner: Pin<Box<dyn Duplex>>) -> Metered {
-        Metered {
-            inner,
-            read: Arc::default(),
-            written: Arc::default(),
-        }
-    }
-}
-
-impl AsyncRead for Metered {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let result = self.inner.as_mut().poll_read(cx, buf);
-        let read = (buf.filled().len() - before) as u64;
-        self.read.fetch_add(read, Ordering::Relaxed);
-        result
-    }
-}
-
-impl AsyncWrite for Metered {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let result = self.inner.as_mut().poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = result {
-            self.written.fetch_add(n as u64, Ordering::Relaxed);
-        }
-        result
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.inner.as_mut().poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.inner.as_mut().poll_shutdown(cx)
-    }
 }
 
 #[cfg(test)]

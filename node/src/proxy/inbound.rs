@@ -10,17 +10,23 @@ use std::sync::Arc;
 
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
-use weft_ca::{SpiffeId, Usage, VerifiedSvid};
-use weft_discovery::ServiceKey;
 
+use crate::policy::engine::Request;
+use weft_ca::{SpiffeId, Usage, VerifiedSvid};
+use weft_discovery::Protocol;
+
+use super::gate::{self, Gate};
 use super::header::{self, MAX_FIELD, Status, StreamHeader};
+use super::metered::Metered;
 use super::tunnel::{peer_node, track};
 use super::{CONNECT_TIMEOUT, Direction, HEADER_TIMEOUT, ProxyContext, source_label, splice};
 
-/// Decides whether `source` may reach `destination`. Until policies exist every authenticated
-/// caller is allowed (SPEC §7: a new mesh works); the policy engine replaces this.
-pub fn authorize(_source: &SpiffeId, _destination: &ServiceKey) -> Result<(), String> {
-    Ok(())
+/// How an accepted stream is carried to the service.
+enum Carry {
+    /// Bytes pass through: the policy decided the connection as a whole.
+    Splice,
+    /// HTTP, decided request by request.
+    Gate(Gate),
 }
 
 /// Serves every stream of one `weft/1` connection.
@@ -108,8 +114,33 @@ async fn stream(
                 format!("{} does not run on this host", header.destination),
             ));
         };
-        authorize(&source_id, &header.destination)
-            .map_err(|reason| refuse(Status::Denied, reason))?;
+        let port = service.address.port();
+        let carry = if service.protocol == Protocol::Tcp {
+            let decision = context.shared.policy.decide(&Request {
+                source: &source_id,
+                destination: &header.destination,
+                port,
+                http: None,
+            });
+            if !decision.allowed {
+                return Err(refuse(Status::Denied, format!("{source_id}: {decision}")));
+            }
+            Carry::Splice
+        } else {
+            match context
+                .shared
+                .policy
+                .decide_connection(&source_id, &header.destination, port)
+            {
+                Some(decision) if decision.allowed => Carry::Splice,
+                _ => Carry::Gate(Gate {
+                    source: source_id.clone(),
+                    destination: header.destination.clone(),
+                    port,
+                    protocol: service.protocol,
+                }),
+            }
+        };
         let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(service.address))
             .await
         {
@@ -131,7 +162,7 @@ async fn stream(
             }
         };
         let _ = tcp.set_nodelay(true);
-        Ok((header, tcp))
+        Ok((header, tcp, carry))
     }
     .await;
     match reply {
@@ -141,7 +172,7 @@ async fn stream(
                 let _ = send.stopped().await;
             }
         }
-        Ok((header, mut tcp)) => {
+        Ok((header, mut tcp, carry)) => {
             if let Err(e) = send.write_all(&header::encode_reply(Status::Ok, "")).await {
                 context.metrics.stream_error("reply_failed");
                 debug!(error = %e, "stream closed before the reply");
@@ -153,7 +184,15 @@ async fn stream(
                 .metrics
                 .opened(Direction::Inbound, &source, &destination);
             let mut mesh = tokio::io::join(recv, send);
-            let (read, written) = splice(&mut tcp, &mut mesh, &context.cut).await;
+            let (read, written) = match carry {
+                Carry::Splice => splice(&mut tcp, &mut mesh, &context.cut).await,
+                Carry::Gate(gate) => {
+                    let mesh = Metered::new(Box::pin(mesh));
+                    let (from_mesh, to_mesh) = gate::serve(context.clone(), gate, mesh, tcp).await;
+                    // As `splice` reports them: read from the service, written to it.
+                    (to_mesh, from_mesh)
+                }
+            };
             context
                 .metrics
                 .closed(Direction::Inbound, &source, &destination, read, written);

@@ -8,9 +8,11 @@
 //! agent sends to a peer only if the peer's node SVID scope lists the destination service.
 //! Gossip never decides who is trusted.
 
+pub mod gate;
 pub mod header;
 pub mod http;
 pub mod inbound;
+pub mod metered;
 pub mod metrics;
 pub mod outbound;
 pub mod tunnel;

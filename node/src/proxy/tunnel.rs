@@ -258,6 +258,22 @@ impl TunnelPool {
     }
 
     async fn connect(&self, addr: SocketAddr) -> Result<Tunnel, TunnelError> {
+        let (connection, peer) = self.dial(addr, ALPN_TUNNEL).await?;
+        info!(%addr, peer = %peer.id, "tunnel open");
+        track(connection.clone(), self.metrics.clone(), peer.not_after);
+        Ok(Tunnel {
+            connection,
+            peer: Arc::new(peer),
+        })
+    }
+
+    /// A new, unpooled connection to the agent at `addr` for protocol `alpn`, mutual TLS with
+    /// this node's SVID; returns it with the peer's verified node SVID.
+    pub async fn dial(
+        &self,
+        addr: SocketAddr,
+        alpn: &[u8],
+    ) -> Result<(quinn::Connection, VerifiedSvid), TunnelError> {
         let node = self
             .identities
             .load()
@@ -270,7 +286,7 @@ impl TunnelPool {
             |id| matches!(id.kind(), WeftIdentity::Node { .. }),
         );
         let connect = |reason: String| TunnelError::Connect { addr, reason };
-        let mut config = quic_client_config(verifier, Some(node.key.clone()), ALPN_TUNNEL)
+        let mut config = quic_client_config(verifier, Some(node.key.clone()), alpn)
             .map_err(|e| connect(e.to_string()))?;
         config.transport_config(self.transport.clone());
         let connecting = self
@@ -294,12 +310,7 @@ impl TunnelPool {
             connect(reason)
         })?;
         self.metrics.handshake("client", "ok");
-        info!(%addr, peer = %peer.id, "tunnel open");
-        track(connection.clone(), self.metrics.clone(), peer.not_after);
-        Ok(Tunnel {
-            connection,
-            peer: Arc::new(peer),
-        })
+        Ok((connection, peer))
     }
 }
 

@@ -1,0 +1,353 @@
+//! The agent's policy: the bundle in force, how a new one is accepted (from `weft policy
+//! apply` through the admin API, or fetched from a peer), persisted, and advertised, and the
+//! decision point the proxy asks.
+//!
+//! A bundle replaces the one in force only if it verifies against the trust bundle and has a
+//! higher version; the same version with another digest is a conflict and is refused. The
+//! accepted bundle is written to `data_dir/policy.bundle` (0600, atomically) before it takes
+//! effect, so a restart enforces it even with no peers. A persisted bundle that no longer
+//! verifies makes the agent deny everything (`policy_unavailable`) until a good bundle
+//! arrives: once policy was published, a damaged file must not open the mesh.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+use weft_ca::SpiffeId;
+use weft_ca::tls::SharedBundle;
+use weft_discovery::{PolicyAdvert, ServiceKey};
+
+use crate::identity::write_atomic;
+use crate::policy::bundle::{self, BundleError, VerifiedBundle};
+use crate::policy::engine::{Decision, DecisionReason, Engine, Request};
+
+/// The file, in `data_dir`, holding the last good bundle.
+pub const POLICY_FILE: &str = "policy.bundle";
+
+/// The policy in force.
+pub struct ActivePolicy {
+    /// The bundle it came from; `None` before any was published.
+    pub bundle: Option<Arc<VerifiedBundle>>,
+    /// Its compiled form.
+    pub engine: Engine,
+}
+
+impl ActivePolicy {
+    /// What this agent advertises in gossip.
+    pub fn advert(&self) -> Option<PolicyAdvert> {
+        self.bundle.as_ref().map(|b| PolicyAdvert {
+            version: b.version,
+            digest: b.digest.clone(),
+        })
+    }
+
+    /// The version in force, 0 before any.
+    pub fn version(&self) -> u64 {
+        self.bundle.as_ref().map_or(0, |b| b.version)
+    }
+}
+
+/// What became of an offered bundle that was not refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Offered {
+    /// It is now in force.
+    Applied {
+        /// Its version.
+        version: u64,
+    },
+    /// It is the bundle already in force.
+    AlreadyCurrent {
+        /// Its version.
+        version: u64,
+    },
+}
+
+/// Why an offered bundle was refused; the bundle in force stays.
+#[derive(Debug, thiserror::Error)]
+pub enum OfferError {
+    /// It did not verify.
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+    /// Its version is not newer than the one in force.
+    #[error("policy version {offered} is older than version {current} in force")]
+    Older {
+        /// The offered version.
+        offered: u64,
+        /// The version in force.
+        current: u64,
+    },
+    /// Same version as the one in force, different content.
+    #[error(
+        "policy version {version} is already in force with another digest; apply with a higher version"
+    )]
+    Conflict {
+        /// The version both claim.
+        version: u64,
+    },
+    /// It could not be persisted, so it was not applied.
+    #[error("cannot persist the policy bundle to {path}: {reason}")]
+    Persist {
+        /// Where.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl OfferError {
+    /// A short label for metrics (`reason`).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            OfferError::Bundle(e) => e.reason(),
+            OfferError::Older { .. } => "older_version",
+            OfferError::Conflict { .. } => "version_conflict",
+            OfferError::Persist { .. } => "persist_failed",
+        }
+    }
+}
+
+/// Policy metrics.
+struct PolicyMetrics {
+    version: IntGauge,
+    bundles: IntCounterVec,
+    /// One counter per decision reason, in [`REASONS`] order, so counting costs no lookup.
+    decisions: Vec<IntCounter>,
+}
+
+/// Every decision reason, with whether it allows.
+const REASONS: [DecisionReason; 7] = [
+    DecisionReason::NotPublished,
+    DecisionReason::NoPolicy,
+    DecisionReason::AllowedByTarget,
+    DecisionReason::Unavailable,
+    DecisionReason::DefaultDeny,
+    DecisionReason::NoMatchingTarget,
+    DecisionReason::RouteNotMatched,
+];
+
+impl PolicyMetrics {
+    fn new(registry: &Registry) -> prometheus::Result<PolicyMetrics> {
+        let version = IntGauge::new(
+            "weft_policy_version",
+            "Version of the policy bundle in force (0: none published).",
+        )?;
+        let bundles = IntCounterVec::new(
+            Opts::new(
+                "weft_policy_bundles_total",
+                "Policy bundles offered to this agent, by result (applied, current, refused) and reason.",
+            ),
+            &["result", "reason"],
+        )?;
+        let decisions_vec = IntCounterVec::new(
+            Opts::new(
+                "weft_authz_decisions_total",
+                "Authorization decisions on inbound connections and requests, by decision and reason.",
+            ),
+            &["decision", "reason"],
+        )?;
+        registry.register(Box::new(version.clone()))?;
+        registry.register(Box::new(bundles.clone()))?;
+        registry.register(Box::new(decisions_vec.clone()))?;
+        let decisions = REASONS
+            .iter()
+            .map(|reason| {
+                let allowed = matches!(
+                    reason,
+                    DecisionReason::NotPublished
+                        | DecisionReason::NoPolicy
+                        | DecisionReason::AllowedByTarget
+                );
+                decisions_vec
+                    .with_label_values(&[if allowed { "allow" } else { "deny" }, reason.as_str()])
+            })
+            .collect();
+        Ok(PolicyMetrics {
+            version,
+            bundles,
+            decisions,
+        })
+    }
+
+    fn decision(&self, reason: DecisionReason) {
+        if let Some(i) = REASONS.iter().position(|r| *r == reason) {
+            self.decisions[i].inc();
+        }
+    }
+}
+
+/// The policy in force and the way to replace it.
+pub struct PolicyStore {
+    active: ArcSwap<ActivePolicy>,
+    /// Serializes offers, so versions only go up.
+    offer_lock: Mutex<()>,
+    path: PathBuf,
+    trust: SharedBundle,
+    metrics: PolicyMetrics,
+    changed: watch::Sender<u64>,
+}
+
+impl PolicyStore {
+    /// Loads the persisted bundle from `data_dir`, if any.
+    pub fn load(
+        data_dir: &Path,
+        trust: SharedBundle,
+        registry: &Registry,
+    ) -> prometheus::Result<PolicyStore> {
+        let metrics = PolicyMetrics::new(registry)?;
+        let path = data_dir.join(POLICY_FILE);
+        let active = match std::fs::read(&path) {
+            Ok(bytes) => match bundle::open(&bytes, &trust.load(), SystemTime::now()) {
+                Ok(verified) => {
+                    info!(version = verified.version, digest = %verified.digest, "enforcing the persisted policy bundle");
+                    active_from(verified)
+                }
+                Err(e) => {
+                    error!(path = %path.display(), error = %e, "the persisted policy bundle does not verify; denying all inbound traffic until a good bundle arrives");
+                    metrics
+                        .bundles
+                        .with_label_values(&["refused", e.reason()])
+                        .inc();
+                    ActivePolicy {
+                        bundle: None,
+                        engine: Engine::unavailable(),
+                    }
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => ActivePolicy {
+                bundle: None,
+                engine: Engine::unpublished(),
+            },
+            Err(e) => {
+                error!(path = %path.display(), error = %e, "cannot read the persisted policy bundle; denying all inbound traffic until a good bundle arrives");
+                ActivePolicy {
+                    bundle: None,
+                    engine: Engine::unavailable(),
+                }
+            }
+        };
+        metrics.version.set(active.version() as i64);
+        let (changed, _) = watch::channel(active.version());
+        Ok(PolicyStore {
+            active: ArcSwap::from_pointee(active),
+            offer_lock: Mutex::new(()),
+            path,
+            trust,
+            metrics,
+            changed,
+        })
+    }
+
+    /// The policy in force.
+    pub fn active(&self) -> Arc<ActivePolicy> {
+        self.active.load_full()
+    }
+
+    /// Changes to the version in force.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// Verifies `bytes` and, if newer than the bundle in force, persists and applies it.
+    /// `origin` names where it came from, for logs.
+    pub fn offer(&self, bytes: &[u8], origin: &str) -> Result<Offered, OfferError> {
+        let _serial = self
+            .offer_lock
+            .lock()
+            .expect("offer lock is never poisoned");
+        let result = self.try_offer(bytes);
+        match &result {
+            Ok(Offered::Applied { version }) => {
+                info!(version, %origin, "policy bundle applied");
+                self.metrics
+                    .bundles
+                    .with_label_values(&["applied", ""])
+                    .inc();
+            }
+            Ok(Offered::AlreadyCurrent { .. }) => {
+                self.metrics
+                    .bundles
+                    .with_label_values(&["current", ""])
+                    .inc();
+            }
+            Err(e) => {
+                warn!(%origin, reason = e.reason(), error = %e, "policy bundle refused; the one in force stays");
+                self.metrics
+                    .bundles
+                    .with_label_values(&["refused", e.reason()])
+                    .inc();
+            }
+        }
+        result
+    }
+
+    fn try_offer(&self, bytes: &[u8]) -> Result<Offered, OfferError> {
+        let verified = bundle::open(bytes, &self.trust.load(), SystemTime::now())?;
+        let current = self.active.load();
+        if let Some(held) = &current.bundle {
+            if verified.version == held.version {
+                return if verified.digest == held.digest {
+                    Ok(Offered::AlreadyCurrent {
+                        version: held.version,
+                    })
+                } else {
+                    Err(OfferError::Conflict {
+                        version: held.version,
+                    })
+                };
+            }
+            if verified.version < held.version {
+                return Err(OfferError::Older {
+                    offered: verified.version,
+                    current: held.version,
+                });
+            }
+        }
+        write_atomic(&self.path, &verified.bytes, 0o600).map_err(|e| OfferError::Persist {
+            path: self.path.clone(),
+            reason: e.to_string(),
+        })?;
+        let version = verified.version;
+        self.active.store(Arc::new(active_from(verified)));
+        self.metrics.version.set(version as i64);
+        self.changed.send_replace(version);
+        Ok(Offered::Applied { version })
+    }
+
+    /// Decides one connection or request, and counts the decision.
+    pub fn decide(&self, request: &Request<'_>) -> Decision {
+        let decision = self.active.load().engine.decide(request);
+        self.metrics.decision(decision.reason);
+        decision
+    }
+
+    /// [`Engine::decide_connection`], counting the decision when there is one.
+    pub fn decide_connection(
+        &self,
+        source: &SpiffeId,
+        destination: &ServiceKey,
+        port: u16,
+    ) -> Option<Decision> {
+        let decision = self
+            .active
+            .load()
+            .engine
+            .decide_connection(source, destination, port);
+        if let Some(decision) = &decision {
+            self.metrics.decision(decision.reason);
+        }
+        decision
+    }
+}
+
+fn active_from(verified: VerifiedBundle) -> ActivePolicy {
+    let trust_domain = verified.operator.trust_domain().clone();
+    let engine = Engine::new(&verified.set, &trust_domain);
+    ActivePolicy {
+        bundle: Some(Arc::new(verified)),
+        engine,
+    }
+}
