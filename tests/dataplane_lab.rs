@@ -6,10 +6,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use weft_tests::agent::{
-    AgentSpec, Pki, TOKEN_SCOPE, TestAgent, gossip_keygen, kill_process, metric_sum, wait_until,
-    write_keyring,
-};
+use weft_tests::agent::{all_logs, kill_process, metric_sum, start_lab_agents, wait_until};
 use weft_tests::lab::Lab;
 
 const HOSTS: usize = 3;
@@ -74,48 +71,20 @@ fn traffic_from_h2_reaches_h3_through_the_tunnel_across_the_lab_network() {
         )
         .expect("start the echo server in h3");
 
-    let keyring = write_keyring(dir.path(), "gossip.keys", &[gossip_keygen()]);
-    let seed = format!("{}:7401", lab.host_addr(1));
-    let pki = Pki::new(dir.path());
-    let agents: Vec<TestAgent> = (1..=HOSTS)
-        .map(|i| {
-            let name = format!("h{i}");
-            let mut spec = AgentSpec::loopback(&name, &keyring, &pki);
-            if i == 1 {
-                spec.ca = Some(pki.intermediate(&name));
-            } else {
-                let token = dir.path().join(format!("{name}.token"));
-                pki.write_token(&token, &name, TOKEN_SCOPE, Duration::from_secs(3600));
-                spec.join_token = Some(token);
-            }
-            spec.ip = lab.host_addr(i).to_string();
-            spec.gossip_port = 7401;
-            spec.tunnel_port = 7402;
-            spec.http_port = 7480; // each host has its own loopback
-            spec.http_proxy_port = 7481;
-            spec.seeds = vec![seed.clone()];
-            spec.extra = match i {
-                3 => format!(
-                    "[[service]]\nname = \"web\"\nport = {WEB_PORT}\nprotocol = \"http\"\n\n\
-                     [[service]]\nname = \"api\"\nport = {ECHO_PORT}\nprotocol = \"tcp\"\n"
-                ),
-                2 => format!(
-                    "[[upstream]]\nservice = \"web\"\nlisten = \"127.0.0.1:{UP_WEB}\"\n\n\
-                     [[upstream]]\nservice = \"api\"\nlisten = \"127.0.0.1:{UP_ECHO}\"\n"
-                ),
-                _ => String::new(),
-            };
-            let ns = lab.netns(i);
-            TestAgent::start(spec, dir.path(), &["ip", "netns", "exec", &ns]).expect("start agent")
-        })
-        .collect();
-    let logs = || {
-        agents
-            .iter()
-            .map(|a| format!("--- {} ---\n{}", a.spec.name, a.log()))
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
+    let (agents, _pki) = start_lab_agents(&lab, dir.path(), |i, spec| {
+        spec.extra = match i {
+            3 => format!(
+                "[[service]]\nname = \"web\"\nport = {WEB_PORT}\nprotocol = \"http\"\n\n\
+                 [[service]]\nname = \"api\"\nport = {ECHO_PORT}\nprotocol = \"tcp\"\n"
+            ),
+            2 => format!(
+                "[[upstream]]\nservice = \"web\"\nlisten = \"127.0.0.1:{UP_WEB}\"\n\n\
+                 [[upstream]]\nservice = \"api\"\nlisten = \"127.0.0.1:{UP_ECHO}\"\n"
+            ),
+            _ => String::new(),
+        };
+    });
+    let logs = || all_logs(&agents);
 
     let ready = wait_until(Duration::from_secs(20), || {
         agents.iter().all(|a| {

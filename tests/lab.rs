@@ -4,9 +4,7 @@
 
 use std::time::Duration;
 
-use weft_tests::agent::{
-    AgentSpec, Pki, TOKEN_SCOPE, TestAgent, gossip_keygen, wait_until, write_keyring,
-};
+use weft_tests::agent::{all_logs, start_lab_agents, wait_until};
 use weft_tests::lab::Lab;
 
 const HOSTS: usize = 5;
@@ -19,40 +17,8 @@ fn partitioned_host_is_dead_everywhere_else_and_alive_after_heal() {
         .prefix("weft-lab-")
         .tempdir()
         .unwrap();
-    let keyring = write_keyring(dir.path(), "gossip.keys", &[gossip_keygen()]);
-    let seed = format!("{}:7401", lab.host_addr(1));
-    let pki = Pki::new(dir.path());
-    let agents: Vec<TestAgent> = (1..=HOSTS)
-        .map(|i| {
-            let mut spec = AgentSpec::loopback(&format!("h{i}"), &keyring, &pki);
-            if i == 1 {
-                spec.ca = Some(pki.intermediate("h1"));
-            } else {
-                let token = dir.path().join(format!("h{i}.token"));
-                pki.write_token(
-                    &token,
-                    &format!("h{i}"),
-                    TOKEN_SCOPE,
-                    Duration::from_secs(3600),
-                );
-                spec.join_token = Some(token);
-            }
-            spec.ip = lab.host_addr(i).to_string();
-            spec.gossip_port = 7401;
-            spec.tunnel_port = 7402;
-            spec.http_port = 7480; // each host has its own loopback
-            spec.seeds = vec![seed.clone()];
-            let ns = lab.netns(i);
-            TestAgent::start(spec, dir.path(), &["ip", "netns", "exec", &ns]).expect("start agent")
-        })
-        .collect();
-    let logs = || {
-        agents
-            .iter()
-            .map(|a| format!("--- {} ---\n{}", a.spec.name, a.log()))
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
+    let (agents, _pki) = start_lab_agents(&lab, dir.path(), |_, _| {});
+    let logs = || all_logs(&agents);
     let state = |observer: usize, of: &str| agents[observer].state_of(of);
     let others = |host: &str| {
         agents

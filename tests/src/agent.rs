@@ -684,3 +684,48 @@ pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         })
         .sum()
 }
+
+/// Starts one agent per host of `lab` (`h1..hN`, each in its own namespace on the lab
+/// network, standard ports, seeded with h1): h1 is the CA host, every other host gets a join
+/// token for [`TOKEN_SCOPE`]. `tune` may adjust each spec (by host number) before start.
+pub fn start_lab_agents(
+    lab: &crate::lab::Lab,
+    dir: &Path,
+    mut tune: impl FnMut(usize, &mut AgentSpec),
+) -> (Vec<TestAgent>, Pki) {
+    let keyring = write_keyring(dir, "gossip.keys", &[gossip_keygen()]);
+    let seed = format!("{}:7401", lab.host_addr(1));
+    let pki = Pki::new(dir);
+    let agents = (1..=lab.host_count())
+        .map(|i| {
+            let name = format!("h{i}");
+            let mut spec = AgentSpec::loopback(&name, &keyring, &pki);
+            if i == 1 {
+                spec.ca = Some(pki.intermediate(&name));
+            } else {
+                let token = dir.join(format!("{name}.token"));
+                pki.write_token(&token, &name, TOKEN_SCOPE, Duration::from_secs(3600));
+                spec.join_token = Some(token);
+            }
+            spec.ip = lab.host_addr(i).to_string();
+            spec.gossip_port = 7401;
+            spec.tunnel_port = 7402;
+            spec.http_port = 7480; // each host has its own loopback
+            spec.http_proxy_port = 7481;
+            spec.seeds = vec![seed.clone()];
+            tune(i, &mut spec);
+            let ns = lab.netns(i);
+            TestAgent::start(spec, dir, &["ip", "netns", "exec", &ns]).expect("start agent")
+        })
+        .collect();
+    (agents, pki)
+}
+
+/// Every agent's log, for failure messages.
+pub fn all_logs(agents: &[TestAgent]) -> String {
+    agents
+        .iter()
+        .map(|a| format!("--- {} ---\n{}", a.spec.name, a.log()))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
