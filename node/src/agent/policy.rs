@@ -351,3 +351,113 @@ fn active_from(verified: VerifiedBundle) -> ActivePolicy {
         engine,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arc_swap::ArcSwap;
+    use prometheus::Registry;
+
+    use super::*;
+    use crate::policy::bundle::sign;
+    use crate::policy::bundle::tests::{ALLOW_ALL, files, fixture};
+
+    const TD: &str = "store.test";
+    const DENY_ALL: &str =
+        "apiVersion: weft.io/v1alpha1\nkind: Mesh\nmetadata: {name: mesh}\nspec: {default: deny}\n";
+
+    fn store(data_dir: &Path, trust: &weft_ca::TrustBundle) -> (PolicyStore, Registry) {
+        let registry = Registry::new();
+        let store = PolicyStore::load(
+            data_dir,
+            Arc::new(ArcSwap::from_pointee(trust.clone())),
+            &registry,
+        )
+        .unwrap();
+        (store, registry)
+    }
+
+    fn counted(registry: &Registry, result: &str, reason: &str) -> u64 {
+        registry
+            .gather()
+            .iter()
+            .filter(|f| f.name() == "weft_policy_bundles_total")
+            .flat_map(|f| f.get_metric())
+            .filter(|m| {
+                let labels: Vec<(&str, &str)> = m
+                    .get_label()
+                    .iter()
+                    .map(|l| (l.name(), l.value()))
+                    .collect();
+                labels.contains(&("result", result)) && labels.contains(&("reason", reason))
+            })
+            .map(|m| m.get_counter().get_value() as u64)
+            .sum()
+    }
+
+    #[test]
+    fn versions_only_go_up_and_conflicts_are_refused() {
+        let f = fixture(TD);
+        let data = f.dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        let (store, registry) = store(&data, &f.trust);
+        assert_eq!(store.active().engine.state_name(), "unpublished");
+        let v5 = sign(files(ALLOW_ALL), 5, &f.signer).unwrap();
+        assert_eq!(
+            store.offer(&v5, "test").unwrap(),
+            Offered::Applied { version: 5 }
+        );
+        assert_eq!(
+            store.offer(&v5, "test").unwrap(),
+            Offered::AlreadyCurrent { version: 5 }
+        );
+        let v4 = sign(files(DENY_ALL), 4, &f.signer).unwrap();
+        assert_eq!(
+            store.offer(&v4, "test").unwrap_err().reason(),
+            "older_version"
+        );
+        let other5 = sign(files(DENY_ALL), 5, &f.signer).unwrap();
+        assert_eq!(
+            store.offer(&other5, "test").unwrap_err().reason(),
+            "version_conflict"
+        );
+        assert_eq!(store.active().version(), 5);
+        assert_eq!(counted(&registry, "applied", ""), 1);
+        assert_eq!(counted(&registry, "refused", "older_version"), 1);
+        assert_eq!(counted(&registry, "refused", "version_conflict"), 1);
+    }
+
+    #[test]
+    fn the_applied_bundle_persists_and_a_damaged_copy_fails_closed() {
+        let f = fixture(TD);
+        let data = f.dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        let (first, _) = store(&data, &f.trust);
+        let v9 = sign(files(DENY_ALL), 9, &f.signer).unwrap();
+        first.offer(&v9, "test").unwrap();
+        let file = data.join(POLICY_FILE);
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        // A restart loads it.
+        let (second, _) = store(&data, &f.trust);
+        assert_eq!(second.active().version(), 9);
+        // A damaged copy: everything is denied until a good bundle arrives.
+        let mut bytes = std::fs::read(&file).unwrap();
+        let at = bytes.len() / 2;
+        bytes[at] ^= 0x01;
+        std::fs::write(&file, &bytes).unwrap();
+        let (third, registry) = store(&data, &f.trust);
+        assert_eq!(third.active().engine.state_name(), "unavailable");
+        let refused: u64 = ["bad_signature", "malformed", "untrusted_signer"]
+            .iter()
+            .map(|reason| counted(&registry, "refused", reason))
+            .sum();
+        assert_eq!(refused, 1, "the damaged copy is counted as refused");
+        third.offer(&v9, "peer").unwrap();
+        assert_eq!(third.active().engine.state_name(), "published");
+    }
+}

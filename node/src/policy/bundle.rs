@@ -241,3 +241,223 @@ fn hex_digest(bytes: &[u8]) -> String {
         .map(|b| format!("{b:02x}"))
         .collect()
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use rcgen::{ExtendedKeyUsagePurpose, KeyPair};
+    use ring::rand::SystemRandom;
+    use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair};
+    use rustls_pki_types::pem::PemObject;
+    use weft_ca::pki::{self, SigningCa};
+    use weft_ca::{OperatorCredential, TrustDomain};
+
+    use super::*;
+
+    const TD: &str = "policy.test";
+    pub(crate) const ALLOW_ALL: &str = "apiVersion: weft.io/v1alpha1\nkind: Mesh\nmetadata: {name: mesh}\nspec: {default: allow}\n";
+
+    /// A trust domain's root and operator in a temp dir, for tests that sign bundles.
+    pub(crate) struct Fixture {
+        pub(crate) dir: tempfile::TempDir,
+        pub(crate) root: std::path::PathBuf,
+        pub(crate) trust: TrustBundle,
+        pub(crate) signer: OperatorSigner,
+    }
+
+    pub(crate) fn fixture(td: &str) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        let domain = TrustDomain::new(td).unwrap();
+        pki::init(&domain, "alice", &root).unwrap();
+        let trust = TrustBundle::load_pem(domain, &root.join(pki::ROOT_CERT)).unwrap();
+        let signer = OperatorCredential::load(&root)
+            .unwrap()
+            .signer(SystemTime::now())
+            .unwrap();
+        Fixture {
+            dir,
+            root,
+            trust,
+            signer,
+        }
+    }
+
+    pub(crate) fn files(text: &str) -> Vec<PolicyFile> {
+        vec![PolicyFile {
+            name: "mesh.yaml".into(),
+            text: text.into(),
+        }]
+    }
+
+    fn envelope(bytes: &[u8]) -> serde_json::Value {
+        serde_json::from_slice(bytes).unwrap()
+    }
+
+    /// An envelope around `payload_json`, signed by the holder of `cert_der` and `key_pem`.
+    fn forge(payload_json: &[u8], cert_der: &[u8], key_pem: &str) -> Vec<u8> {
+        let payload = URL_SAFE_NO_PAD.encode(payload_json);
+        let der = rustls_pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
+        let key = EcdsaKeyPair::from_pkcs8(
+            &ECDSA_P256_SHA256_ASN1_SIGNING,
+            der.secret_der(),
+            &SystemRandom::new(),
+        )
+        .unwrap();
+        let signature = key
+            .sign(&SystemRandom::new(), signed_bytes(&payload).as_bytes())
+            .unwrap();
+        serde_json::to_vec(&serde_json::json!({
+            "format": FORMAT,
+            "payload": payload,
+            "cert": URL_SAFE_NO_PAD.encode(cert_der),
+            "signature": URL_SAFE_NO_PAD.encode(signature.as_ref()),
+        }))
+        .unwrap()
+    }
+
+    fn payload_json(td: &str, version: u64, issued_at: i64, text: &str) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({
+            "td": td, "version": version, "issued_at": issued_at,
+            "files": [{"name": "mesh.yaml", "text": text}],
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_signed_bundle_opens_with_its_version_operator_files_and_digest() {
+        let f = fixture(TD);
+        let bytes = sign(files(ALLOW_ALL), 7, &f.signer).unwrap();
+        let opened = open(&bytes, &f.trust, SystemTime::now()).unwrap();
+        assert_eq!(opened.version, 7);
+        assert_eq!(
+            opened.operator.to_string(),
+            "spiffe://policy.test/operator/alice"
+        );
+        assert_eq!(opened.files, files(ALLOW_ALL));
+        assert_eq!(opened.digest.len(), 64);
+        assert_eq!(opened.bytes, bytes);
+        // The digest is over the payload: the same files signed again (a new signature, a new
+        // issue time maybe) keep the same digest only if the payload is the same.
+        let again = open(&bytes, &f.trust, SystemTime::now()).unwrap();
+        assert_eq!(again.digest, opened.digest);
+    }
+
+    #[test]
+    fn a_tampered_payload_or_signature_is_refused() {
+        let f = fixture(TD);
+        let bytes = sign(files(ALLOW_ALL), 3, &f.signer).unwrap();
+        let mut tampered = envelope(&bytes);
+        let other = payload_json(TD, 99, unix_secs(SystemTime::now()), ALLOW_ALL);
+        tampered["payload"] = URL_SAFE_NO_PAD.encode(other).into();
+        let err = open(
+            &serde_json::to_vec(&tampered).unwrap(),
+            &f.trust,
+            SystemTime::now(),
+        )
+        .unwrap_err();
+        assert_eq!(err.reason(), "bad_signature", "{err}");
+        let mut bad_sig = envelope(&bytes);
+        bad_sig["signature"] = URL_SAFE_NO_PAD.encode([1u8; 70]).into();
+        let err = open(
+            &serde_json::to_vec(&bad_sig).unwrap(),
+            &f.trust,
+            SystemTime::now(),
+        )
+        .unwrap_err();
+        assert_eq!(err.reason(), "bad_signature");
+    }
+
+    #[test]
+    fn an_operator_of_another_root_is_untrusted() {
+        let ours = fixture(TD);
+        let theirs = fixture(TD);
+        let bytes = sign(files(ALLOW_ALL), 3, &theirs.signer).unwrap();
+        let err = open(&bytes, &ours.trust, SystemTime::now()).unwrap_err();
+        assert_eq!(err.reason(), "untrusted_signer", "{err}");
+    }
+
+    #[test]
+    fn a_node_identity_cannot_sign_policies() {
+        let f = fixture(TD);
+        let root =
+            SigningCa::load(&f.root.join(pki::ROOT_CERT), &f.root.join(pki::ROOT_KEY)).unwrap();
+        let node = SpiffeId::node(f.trust.trust_domain(), "host-9").unwrap();
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let cert = pki::leaf_params(
+            &node,
+            Duration::from_secs(3600),
+            vec![ExtendedKeyUsagePurpose::ClientAuth],
+        )
+        .signed_by(&key, &root.issuer)
+        .unwrap();
+        let payload = payload_json(TD, 5, unix_secs(SystemTime::now()), ALLOW_ALL);
+        let bytes = forge(&payload, cert.der(), &key.serialize_pem());
+        let err = open(&bytes, &f.trust, SystemTime::now()).unwrap_err();
+        assert_eq!(err.reason(), "not_operator", "{err}");
+    }
+
+    #[test]
+    fn foreign_trust_domain_future_issue_version_zero_and_invalid_sets_are_refused() {
+        let f = fixture(TD);
+        let key_pem = std::fs::read_to_string(f.root.join(pki::OPERATOR_KEY)).unwrap();
+        let cert = f.signer.cert_der().to_vec();
+        let now = unix_secs(SystemTime::now());
+        let cases: [(Vec<u8>, &str); 4] = [
+            (
+                payload_json("other.test", 5, now, ALLOW_ALL),
+                "foreign_trust_domain",
+            ),
+            (payload_json(TD, 5, now + 3600, ALLOW_ALL), "not_yet_valid"),
+            (payload_json(TD, 0, now, ALLOW_ALL), "malformed"),
+            (
+                payload_json(TD, 5, now, "kind: Nonsense\n"),
+                "invalid_policy",
+            ),
+        ];
+        for (payload, reason) in cases {
+            let err = open(
+                &forge(&payload, &cert, &key_pem),
+                &f.trust,
+                SystemTime::now(),
+            )
+            .unwrap_err();
+            assert_eq!(err.reason(), reason, "{err}");
+        }
+    }
+
+    #[test]
+    fn a_bundle_outlives_the_operator_credential_that_signed_it() {
+        let f = fixture(TD);
+        let bytes = sign(files(ALLOW_ALL), 3, &f.signer).unwrap();
+        // Two years on, the operator certificate (one year) has expired; the bundle signed
+        // while it was valid still opens.
+        let later = SystemTime::now() + Duration::from_secs(2 * 365 * 86_400);
+        assert!(open(&bytes, &f.trust, later).is_ok());
+    }
+
+    #[test]
+    fn garbage_and_oversized_input_are_refused_without_panicking() {
+        let f = fixture(TD);
+        for input in [
+            &b""[..],
+            b"{}",
+            b"not json",
+            br#"{"format":"weft-policy/2","payload":"","cert":"","signature":""}"#,
+            br#"{"format":"weft-policy/1","payload":"!!","cert":"","signature":""}"#,
+        ] {
+            assert_eq!(
+                open(input, &f.trust, SystemTime::now())
+                    .unwrap_err()
+                    .reason(),
+                "malformed"
+            );
+        }
+        let big = vec![b' '; MAX_BUNDLE_BYTES + 1];
+        assert_eq!(
+            open(&big, &f.trust, SystemTime::now())
+                .unwrap_err()
+                .reason(),
+            "too_large"
+        );
+    }
+}
