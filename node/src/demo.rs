@@ -1,5 +1,6 @@
 //! `weft demo`: three agents on loopback in one process, with demo services, printing the
-//! members and the catalog as they converge and staying up until Ctrl-C.
+//! members and the catalog as they converge, the identities they get, traffic through the
+//! mesh, and a signed policy taking effect, then staying up until Ctrl-C.
 //!
 //! Everything it creates lives in one temporary directory that is removed on exit.
 
@@ -76,6 +77,87 @@ async fn show_traffic(base: u16, node1: &crate::agent::Shared) {
     }) {
         println!("    {line}");
     }
+}
+
+/// The demo's policy: closed by default, `web` (node-1) may GET `/` on `api`; nothing may
+/// reach `db`.
+const DEMO_POLICY: &str = "apiVersion: weft.io/v1alpha1
+kind: Mesh
+metadata: {name: mesh}
+spec: {default: deny}
+---
+apiVersion: specs.smi-spec.io/v1alpha4
+kind: HTTPRouteGroup
+metadata: {name: api-routes, namespace: default}
+spec:
+  matches:
+  - name: root
+    pathRegex: /
+    methods: [GET]
+---
+apiVersion: access.smi-spec.io/v1alpha3
+kind: TrafficTarget
+metadata: {name: web-to-api, namespace: default}
+spec:
+  destination: {kind: ServiceAccount, name: api, namespace: default}
+  rules:
+  - kind: HTTPRouteGroup
+    name: api-routes
+  sources:
+  - {kind: ServiceAccount, name: web, namespace: default}
+";
+
+/// Publishes [`DEMO_POLICY`] on node-1 as `weft policy apply` would, waits until every agent
+/// enforces it, and shows its effect.
+async fn show_policy(
+    base: u16,
+    operator: &weft_ca::OperatorCredential,
+    shared: &[std::sync::Arc<crate::agent::Shared>],
+) -> anyhow::Result<()> {
+    println!("\nPolicy: default deny; web may GET / on api; nothing may reach db.");
+    let signer = operator.signer(std::time::SystemTime::now())?;
+    let files = vec![crate::policy::bundle::PolicyFile {
+        name: "demo-policy.yaml".into(),
+        text: DEMO_POLICY.into(),
+    }];
+    let bytes = crate::policy::bundle::sign(files, 1, &signer)?;
+    let started = Instant::now();
+    shared[0].policy.offer(&bytes, "weft demo")?;
+    let deadline = started + Duration::from_secs(5);
+    while shared.iter().any(|s| s.policy.active().version() != 1) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!(
+        "  signed by {}, applied on node-1, in force on all 3 agents after {} ms (spread by gossip, fetched over QUIC)",
+        signer.id(),
+        started.elapsed().as_millis()
+    );
+    match http_get(("127.0.0.1", base + API_UPSTREAM)).await {
+        Ok(body) => println!("  node-1 (web) -> api GET /: {:?}", body.trim()),
+        Err(e) => println!("  node-1 (web) -> api GET /: failed: {e}"),
+    }
+    match echo(("127.0.0.1", base + DB_UPSTREAM), b"hello").await {
+        Ok(reply) if reply.is_empty() => {
+            println!("  node-1 (web) -> db: closed by node-3 (denied, default_deny)")
+        }
+        Ok(reply) => println!(
+            "  node-1 (web) -> db: {:?} (unexpected)",
+            String::from_utf8_lossy(&reply)
+        ),
+        Err(e) => {
+            println!("  node-1 (web) -> db: {e}: node-3 denied it (default_deny), as logged above")
+        }
+    }
+    println!("  node-3's decisions:");
+    for line in shared[2]
+        .metrics
+        .render()
+        .lines()
+        .filter(|l| l.starts_with("weft_authz_decisions_total") && !l.ends_with(" 0"))
+    {
+        println!("    {line}");
+    }
+    Ok(())
 }
 
 /// One HTTP/1.1 GET of `/` with `Connection: close`; returns the body.
@@ -242,6 +324,9 @@ async fn demo(base: u16) -> anyhow::Result<()> {
                 started.elapsed().as_millis()
             );
             show_traffic(base, &shared[0]).await;
+            if let Err(e) = show_policy(base, &operator, &shared).await {
+                println!("  policy step failed: {e:#}");
+            }
             println!("\nTry, in another terminal:");
             println!(
                 "  curl -s 127.0.0.1:{}/                     # node-1's upstream to api (on node-2)",
@@ -268,6 +353,14 @@ async fn demo(base: u16) -> anyhow::Result<()> {
                 dir.path().display()
             );
             println!("  weft certs --socket {}/node-2.sock", dir.path().display());
+            println!(
+                "  weft policy status --socket {}/node-2.sock",
+                dir.path().display()
+            );
+            println!(
+                "  weft why --socket {}/node-2.sock --from web --to api --method POST --path /",
+                dir.path().display()
+            );
             println!("  curl -s 127.0.0.1:{base}/metrics | grep -E 'weft_gossip_members|weft_ca_'");
             println!(
                 "Press Ctrl-C to stop (the agents leave gracefully and {} is removed).",

@@ -27,7 +27,10 @@ pub(super) fn init(trust_domain: &str, operator: &str, out: &Path) -> anyhow::Re
         "      `weft token create --operator {o} --node NAME --service NS/NAME --ttl 1h` for each host."
     );
     println!(
-        "For production, publish a Mesh policy with `default: deny` once policies are in place."
+        "For production, close the mesh by default: publish a Mesh document with `default: deny`"
+    );
+    println!(
+        "      (`weft policy apply --operator {o} -f mesh.yaml`, see docs/policies.md), then allow what should talk."
     );
     Ok(())
 }
