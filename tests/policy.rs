@@ -286,6 +286,26 @@ fn meshery_smi_scenarios_at_host_level() {
         200
     );
     assert_eq!(curl(a3, &[&format!("{web}/anything")]).0, 403);
+    let why = mesh.cluster.agents[1]
+        .cli_json(&[
+            "why",
+            "--from",
+            "orders",
+            "--to",
+            "web",
+            "--method",
+            "GET",
+            "--path",
+            "/x",
+            "--header",
+            "x-canary: yes",
+        ])
+        .expect("weft why with a header");
+    assert_eq!(why["decision"], "allow", "{why}");
+    assert_eq!(
+        why["rule"],
+        "rules[0] HTTPRouteGroup web-routes match canary"
+    );
 
     // A TCPRoute limits ports: the db port passes, another port is refused.
     let db_port = mesh.db_port;

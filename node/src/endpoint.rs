@@ -16,7 +16,7 @@ use weft_ca::tls::{
 };
 
 use crate::agent::policy_sync::{self, ALPN_POLICY};
-use crate::proxy::tunnel::{ALPN_TUNNEL, transport_config};
+use crate::proxy::tunnel::{ALPN_TUNNEL, MAX_UDP_PAYLOAD, transport_config};
 use crate::proxy::{ProxyContext, inbound};
 
 /// Errors opening the endpoint.
@@ -68,13 +68,12 @@ impl QuicEndpoint {
         let socket = bind_udp(addr).map_err(|e| EndpointError::Bind(addr, e))?;
         let runtime = quinn::default_runtime()
             .ok_or_else(|| EndpointError::Bind(addr, std::io::Error::other("no async runtime")))?;
-        let endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
-            Some(config),
-            socket,
-            runtime,
-        )
-        .map_err(|e| EndpointError::Bind(addr, e))?;
+        let mut endpoint_config = quinn::EndpointConfig::default();
+        endpoint_config
+            .max_udp_payload_size(MAX_UDP_PAYLOAD)
+            .expect("the jumbo payload size is within QUIC's bounds");
+        let endpoint = quinn::Endpoint::new(endpoint_config, Some(config), socket, runtime)
+            .map_err(|e| EndpointError::Bind(addr, e))?;
         Ok(QuicEndpoint { endpoint, resolver })
     }
 

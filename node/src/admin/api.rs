@@ -24,7 +24,7 @@ pub mod paths {
     pub const POLICY: &str = "/v1/policy";
     /// `GET`: each member's policy version ([`super::PolicyStatusReport`]).
     pub const POLICY_STATUS: &str = "/v1/policy/status";
-    /// `GET ?from=SVC&to=SVC[&port=P][&method=M&path=P]`: a decision explained
+    /// `GET ?from=SVC&to=SVC[&port=P][&method=M&path=P[&header=NAME:VALUE]…]`: a decision explained
     /// ([`super::WhyReport`]).
     pub const WHY: &str = "/v1/why";
     /// `GET`: Prometheus text.

@@ -120,13 +120,14 @@ pub fn status(shared: &Shared) -> PolicyStatusReport {
     }
 }
 
-/// `GET /v1/why?from=..&to=..[&port=..][&method=..&path=..]`.
+/// `GET /v1/why?from=..&to=..[&port=..][&method=..&path=..[&header=NAME:VALUE]..]`.
 pub fn why(shared: &Shared, uri: &Uri) -> Result<WhyReport, String> {
     let mut from = None;
     let mut to = None;
     let mut port = None;
     let mut method = None;
     let mut path = None;
+    let mut headers = HeaderMap::new();
     for (key, value) in form_urlencoded::parse(uri.query().unwrap_or("").as_bytes()) {
         let value = value.into_owned();
         match key.as_ref() {
@@ -141,6 +142,16 @@ pub fn why(shared: &Shared, uri: &Uri) -> Result<WhyReport, String> {
             }
             "method" => method = Some(value),
             "path" => path = Some(value),
+            "header" => {
+                let (name, value) = value
+                    .split_once(':')
+                    .ok_or_else(|| format!("header {value:?} is not `NAME: VALUE`"))?;
+                let name = hyper::header::HeaderName::from_bytes(name.trim().as_bytes())
+                    .map_err(|_| format!("{name:?} is not a header name"))?;
+                let value = hyper::header::HeaderValue::from_str(value.trim())
+                    .map_err(|_| format!("{value:?} is not a header value"))?;
+                headers.append(name, value);
+            }
             other => return Err(format!("unknown parameter {other:?}")),
         }
     }
@@ -167,7 +178,6 @@ pub fn why(shared: &Shared, uri: &Uri) -> Result<WhyReport, String> {
         }
     };
     let active = shared.policy.active();
-    let headers = HeaderMap::new();
     let http = match (&method, &path) {
         (Some(method), Some(path)) => Some(HttpRequest {
             method,

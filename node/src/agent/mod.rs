@@ -211,6 +211,8 @@ impl Agent {
                 shared.identities.clone(),
                 proxy_metrics,
             ),
+            l7: crate::proxy::l7::L7::new(shared.metrics.registry())
+                .context("failed to register metrics")?,
             connections: TaskTracker::new(),
             cut: CancellationToken::new(),
             draining: CancellationToken::new(),

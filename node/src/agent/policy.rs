@@ -2,8 +2,9 @@
 //! apply` through the admin API, or fetched from a peer), persisted, and advertised, and the
 //! decision point the proxy asks.
 //!
-//! A bundle replaces the one in force only if it verifies against the trust bundle and has a
-//! higher version; the same version with another digest is a conflict and is refused. The
+//! A bundle replaces the one in force only if it verifies against the trust bundle and comes
+//! later in the order of (version, digest): a higher version, or, when two operators published
+//! the same version at once, the higher digest, so every agent settles on the same bundle. The
 //! accepted bundle is written to `data_dir/policy.bundle` (0600, atomically) before it takes
 //! effect, so a restart enforces it even with no peers. A persisted bundle that no longer
 //! verifies makes the agent deny everything (`policy_unavailable`) until a good bundle
@@ -24,6 +25,7 @@ use weft_discovery::{PolicyAdvert, ServiceKey};
 use crate::identity::write_atomic;
 use crate::policy::bundle::{self, BundleError, VerifiedBundle};
 use crate::policy::engine::{Decision, DecisionReason, Engine, Request};
+use crate::proxy::l7::split::Splits;
 
 /// The file, in `data_dir`, holding the last good bundle.
 pub const POLICY_FILE: &str = "policy.bundle";
@@ -34,6 +36,8 @@ pub struct ActivePolicy {
     pub bundle: Option<Arc<VerifiedBundle>>,
     /// Its compiled form.
     pub engine: Engine,
+    /// Its TrafficSplits, compiled.
+    pub splits: Splits,
 }
 
 impl ActivePolicy {
@@ -80,9 +84,9 @@ pub enum OfferError {
         /// The version in force.
         current: u64,
     },
-    /// Same version as the one in force, different content.
+    /// Same version as the one in force, and a lower digest (the higher digest wins a tie).
     #[error(
-        "policy version {version} is already in force with another digest; apply with a higher version"
+        "policy version {version} is already in force with another content; apply with a higher version"
     )]
     Conflict {
         /// The version both claim.
@@ -214,18 +218,21 @@ impl PolicyStore {
                     ActivePolicy {
                         bundle: None,
                         engine: Engine::unavailable(),
+                        splits: Splits::default(),
                     }
                 }
             },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => ActivePolicy {
                 bundle: None,
                 engine: Engine::unpublished(),
+                splits: Splits::default(),
             },
             Err(e) => {
                 error!(path = %path.display(), error = %e, "cannot read the persisted policy bundle; denying all inbound traffic until a good bundle arrives");
                 ActivePolicy {
                     bundle: None,
                     engine: Engine::unavailable(),
+                    splits: Splits::default(),
                 }
             }
         };
@@ -288,15 +295,17 @@ impl PolicyStore {
         let verified = bundle::open(bytes, &self.trust.load(), SystemTime::now())?;
         let current = self.active.load();
         if let Some(held) = &current.bundle {
+            // Bundles are ordered by (version, digest): two operators who publish the same
+            // version at once still leave every agent on the same one.
             if verified.version == held.version {
-                return if verified.digest == held.digest {
-                    Ok(Offered::AlreadyCurrent {
+                return match verified.digest.cmp(&held.digest) {
+                    std::cmp::Ordering::Equal => Ok(Offered::AlreadyCurrent {
                         version: held.version,
-                    })
-                } else {
-                    Err(OfferError::Conflict {
+                    }),
+                    std::cmp::Ordering::Less => Err(OfferError::Conflict {
                         version: held.version,
-                    })
+                    }),
+                    std::cmp::Ordering::Greater => self.apply(verified),
                 };
             }
             if verified.version < held.version {
@@ -306,6 +315,10 @@ impl PolicyStore {
                 });
             }
         }
+        self.apply(verified)
+    }
+
+    fn apply(&self, verified: VerifiedBundle) -> Result<Offered, OfferError> {
         write_atomic(&self.path, &verified.bytes, 0o600).map_err(|e| OfferError::Persist {
             path: self.path.clone(),
             reason: e.to_string(),
@@ -324,7 +337,8 @@ impl PolicyStore {
         decision
     }
 
-    /// [`Engine::decide_connection`], counting the decision when there is one.
+    /// [`Engine::decide_connection`], counting the decision when it lets the whole
+    /// connection through (denials are counted per request by the HTTP gate).
     pub fn decide_connection(
         &self,
         source: &SpiffeId,
@@ -336,7 +350,7 @@ impl PolicyStore {
             .load()
             .engine
             .decide_connection(source, destination, port);
-        if let Some(decision) = &decision {
+        if let Some(decision) = decision.as_ref().filter(|d| d.allowed) {
             self.metrics.decision(decision.reason);
         }
         decision
@@ -346,9 +360,11 @@ impl PolicyStore {
 fn active_from(verified: VerifiedBundle) -> ActivePolicy {
     let trust_domain = verified.operator.trust_domain().clone();
     let engine = Engine::new(&verified.set, &trust_domain);
+    let splits = Splits::new(&verified.set);
     ActivePolicy {
         bundle: Some(Arc::new(verified)),
         engine,
+        splits,
     }
 }
 
@@ -360,8 +376,8 @@ mod tests {
     use prometheus::Registry;
 
     use super::*;
-    use crate::policy::bundle::sign;
     use crate::policy::bundle::tests::{ALLOW_ALL, files, fixture};
+    use crate::policy::bundle::{open, sign};
 
     const TD: &str = "store.test";
     const DENY_ALL: &str =
@@ -417,13 +433,22 @@ mod tests {
             store.offer(&v4, "test").unwrap_err().reason(),
             "older_version"
         );
+        // Same version, other content: the higher digest wins, on every agent alike.
         let other5 = sign(files(DENY_ALL), 5, &f.signer).unwrap();
+        let held = store.active().bundle.as_ref().unwrap().digest.clone();
+        let other = open(&other5, &f.trust, SystemTime::now()).unwrap().digest;
+        let (low, high) = if other < held {
+            (other5, v5)
+        } else {
+            (v5, other5)
+        };
+        let _ = store.offer(&high, "test");
         assert_eq!(
-            store.offer(&other5, "test").unwrap_err().reason(),
+            store.offer(&low, "test").unwrap_err().reason(),
             "version_conflict"
         );
         assert_eq!(store.active().version(), 5);
-        assert_eq!(counted(&registry, "applied", ""), 1);
+        assert!((1..=2).contains(&counted(&registry, "applied", "")));
         assert_eq!(counted(&registry, "refused", "older_version"), 1);
         assert_eq!(counted(&registry, "refused", "version_conflict"), 1);
     }

@@ -103,19 +103,25 @@ pub async fn run(proxy: Arc<ProxyContext>, mut stop: watch::Receiver<bool>) {
     }
 }
 
-/// Alive members advertising a higher version than ours, highest first, shuffled within a
-/// version so fetches spread over the members that have it.
+/// Alive members advertising a later bundle than ours (by version, then digest), latest
+/// first, shuffled among equals so fetches spread over the members that have it.
 fn newer_peers(shared: &Shared) -> Vec<(String, SocketAddr, u64)> {
-    let ours = shared.policy.active().version();
+    let ours = shared
+        .policy
+        .active()
+        .advert()
+        .map(|a| (a.version, a.digest))
+        .unwrap_or_default();
     let catalog = shared.catalog.current();
     let mut peers: Vec<(String, SocketAddr, u64)> = catalog
         .members
         .values()
         .filter(|m| !m.is_self && m.state == MemberState::Alive)
         .filter_map(|m| {
-            let version = m.policy.as_ref()?.version;
+            let advert = m.policy.as_ref()?;
             let addr = m.record.as_ref()?.tunnel_addr;
-            (version > ours).then(|| (m.name.clone(), addr, version))
+            ((advert.version, advert.digest.clone()) > ours)
+                .then(|| (m.name.clone(), addr, advert.version))
         })
         .collect();
     peers.shuffle(&mut rand::rng());

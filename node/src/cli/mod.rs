@@ -104,6 +104,9 @@ pub enum Command {
         /// HTTP path, for HTTP services.
         #[arg(long, requires = "method")]
         path: Option<String>,
+        /// A request header, `NAME: VALUE`; repeat for several.
+        #[arg(long = "header", requires = "method")]
+        headers: Vec<String>,
         #[command(flatten)]
         read: ReadArgs,
     },
@@ -298,6 +301,7 @@ pub fn run(cli: Cli) -> ExitCode {
             port,
             method,
             path,
+            headers,
             read,
         } => policy::why(
             &admin_socket(&cli),
@@ -307,6 +311,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 port: *port,
                 method: method.as_deref(),
                 path: path.as_deref(),
+                headers,
             },
             *read,
         ),

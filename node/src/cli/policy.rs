@@ -27,6 +27,8 @@ pub struct WhyQuestion<'a> {
     pub method: Option<&'a str>,
     /// HTTP path.
     pub path: Option<&'a str>,
+    /// Request headers, `NAME: VALUE`.
+    pub headers: &'a [String],
 }
 
 /// Reads the policy files: `paths` are files, or directories whose `*.yaml` and `*.yml`
@@ -227,6 +229,9 @@ pub(super) fn why(socket: &Path, question: &WhyQuestion<'_>, read: ReadArgs) -> 
     }
     if let Some(path) = question.path {
         query.append_pair("path", path);
+    }
+    for header in question.headers {
+        query.append_pair("header", header);
     }
     let path = format!("{}?{}", paths::WHY, query.finish());
     let runtime = tokio::runtime::Builder::new_current_thread()

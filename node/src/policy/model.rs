@@ -1,7 +1,7 @@
 //! Policy documents: SMI `TrafficTarget` (`access.smi-spec.io/v1alpha3`), `HTTPRouteGroup`
 //! and `TCPRoute` (`specs.smi-spec.io/v1alpha4`), `TrafficSplit` (`split.smi-spec.io/v1alpha4`)
-//! and Weft's `Mesh` settings (`weft.io/v1alpha1`), read from multi-document YAML files into
-//! typed values and validated as one set.
+//! and Weft's `Mesh` settings and `HTTPRoutePolicy` retries and timeouts (`weft.io/v1alpha1`),
+//! read from multi-document YAML files into typed values and validated as one set.
 //!
 //! This module owns the document shapes and every validation rule; what it returns is final,
 //! so nothing downstream re-parses strings or re-checks references. It must never return a
@@ -29,6 +29,29 @@
 //!   pathRegexMatch: prefix # prefix | full (default prefix): how pathRegex is anchored
 //! ```
 //!
+//! The `HTTPRoutePolicy` document (at most one per destination service), applied by the
+//! calling agent to HTTP requests addressed to the service; `timeouts` and `retry` have the
+//! shape of Gateway API HTTPRoute's fields (GEP-1742, GEP-1731), durations GEP-2257's format
+//! (`^([0-9]{1,5}(h|m|s|ms)){1,4}$`, see [`parse_duration`]):
+//! ```yaml
+//! apiVersion: weft.io/v1alpha1
+//! kind: HTTPRoutePolicy
+//! metadata: {name: api, namespace: default}
+//! spec:
+//!   service: api                # required: the destination service, in this namespace
+//!   timeouts:
+//!     request: 10s              # whole transaction, retries included; absent or 0s: none
+//!     backendRequest: 2s        # each attempt; absent or 0s: none; at most request
+//!   retry:                      # absent: no retries
+//!     attempts: 2               # retries after the first try, 1-10 (default 1)
+//!     codes: [502, 503, 504]    # 400-599 (this default); [] retries connect errors only
+//!     backoff: 25ms             # minimum wait between attempts (default 25ms)
+//!     nonIdempotent: false      # weft extension: also retry POST, PATCH, ... (default false)
+//!   retryBudget:                # weft extension: retries add at most this load
+//!     percent: 20               # 0-100 (default 20)
+//!     minRetriesPerSecond: 10   # always allowed, whatever the percentage (default 10)
+//! ```
+//!
 //! Resolutions of SMI's ambiguities (`research/specs.md` §1.3.3, §1.8): `pathRegex` is anchored
 //! at the start (the spec text) unless the Mesh says `full`; header values match in full;
 //! headers are accepted as a map or as a list of single-key maps; a rule naming a match its
@@ -38,6 +61,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::time::Duration;
 
 use hyper::header::HeaderName;
 use weft_ca::SpiffeId;
@@ -52,6 +76,26 @@ pub const DEFAULT_NAMESPACE: &str = "default";
 /// Largest TrafficSplit weight (Gateway API's bound, so sums never overflow).
 pub const MAX_WEIGHT: u32 = 1_000_000;
 
+/// Largest HTTPRoutePolicy `retry.attempts` (retries after the first try).
+pub const MAX_RETRY_ATTEMPTS: u32 = 10;
+
+/// `retry.attempts` when a `retry` omits it.
+pub const DEFAULT_RETRY_ATTEMPTS: u32 = 1;
+
+/// `retry.codes` when a `retry` omits them: the gateway errors that mean "try another
+/// endpoint" (GEP-1731 requires supporting 500 too; it is not a default because a 500 is
+/// usually the application's own answer).
+pub const DEFAULT_RETRY_CODES: [u16; 3] = [502, 503, 504];
+
+/// `retry.backoff` when a `retry` omits it.
+pub const DEFAULT_RETRY_BACKOFF: Duration = Duration::from_millis(25);
+
+/// `retryBudget.percent` when omitted.
+pub const DEFAULT_RETRY_BUDGET_PERCENT: u32 = 20;
+
+/// `retryBudget.minRetriesPerSecond` when omitted.
+pub const DEFAULT_RETRY_BUDGET_MIN_PER_SECOND: u32 = 10;
+
 /// The kinds a policy set holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Kind {
@@ -65,15 +109,18 @@ pub enum Kind {
     TrafficSplit,
     /// `weft.io` Mesh settings.
     Mesh,
+    /// `weft.io` HTTPRoutePolicy: retries and timeouts for one destination service.
+    HttpRoutePolicy,
 }
 
 impl Kind {
-    const ALL: [Kind; 5] = [
+    const ALL: [Kind; 6] = [
         Kind::TrafficTarget,
         Kind::HttpRouteGroup,
         Kind::TcpRoute,
         Kind::TrafficSplit,
         Kind::Mesh,
+        Kind::HttpRoutePolicy,
     ];
 
     /// The kind as written in YAML.
@@ -84,6 +131,7 @@ impl Kind {
             Kind::TcpRoute => "TCPRoute",
             Kind::TrafficSplit => "TrafficSplit",
             Kind::Mesh => "Mesh",
+            Kind::HttpRoutePolicy => "HTTPRoutePolicy",
         }
     }
 
@@ -93,7 +141,7 @@ impl Kind {
             Kind::TrafficTarget => "access.smi-spec.io/v1alpha3",
             Kind::HttpRouteGroup | Kind::TcpRoute => "specs.smi-spec.io/v1alpha4",
             Kind::TrafficSplit => "split.smi-spec.io/v1alpha4",
-            Kind::Mesh => "weft.io/v1alpha1",
+            Kind::Mesh | Kind::HttpRoutePolicy => "weft.io/v1alpha1",
         }
     }
 
@@ -102,7 +150,7 @@ impl Kind {
         match self {
             Kind::TrafficTarget => 3,
             Kind::HttpRouteGroup | Kind::TcpRoute | Kind::TrafficSplit => 4,
-            Kind::Mesh => 1,
+            Kind::Mesh | Kind::HttpRoutePolicy => 1,
         }
     }
 
@@ -118,6 +166,7 @@ impl Kind {
             Kind::HttpRouteGroup | Kind::TcpRoute => &["matches"],
             Kind::TrafficSplit => &["service", "backends", "matches"],
             Kind::Mesh => &["default", "pathRegexMatch"],
+            Kind::HttpRoutePolicy => &["service", "timeouts", "retry", "retryBudget"],
         }
     }
 }
@@ -404,6 +453,92 @@ pub struct Mesh {
     pub path_regex_match: PathRegexMatch,
 }
 
+/// `spec.timeouts` (Gateway API HTTPRoute `timeouts`, GEP-1742). `None` means no timeout:
+/// the field was absent or `0s` (which Gateway API defines as "disabled"), so a present value
+/// is never zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Timeouts {
+    /// `request`: the whole client transaction, from the request's arrival to the last byte
+    /// of the response, retries and backoff included; expiry answers 504.
+    pub request: Option<Duration>,
+    /// `backendRequest`: each attempt (first try or retry) on its own; expiry ends that
+    /// attempt, which may then be retried. At most `request` when both are set.
+    pub backend_request: Option<Duration>,
+}
+
+/// `spec.retry` (Gateway API HTTPRoute `retry`, GEP-1731, plus `nonIdempotent`).
+///
+/// A request is retried when an attempt fails to connect, is reset, times out
+/// (`backendRequest`), or answers one of `codes`, as long as the request's method may be
+/// retried, attempts are left, the retry budget allows it and `timeouts.request` has not
+/// expired; the wait before each retry is at least `backoff`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retry {
+    /// Retries after the first try, 1 to [`MAX_RETRY_ATTEMPTS`] (default
+    /// [`DEFAULT_RETRY_ATTEMPTS`]): a request is sent at most `attempts + 1` times.
+    pub attempts: u32,
+    /// Response statuses (400-599) that are retried, in the order written, without
+    /// duplicates (default [`DEFAULT_RETRY_CODES`]); empty retries only connection failures,
+    /// resets and attempt timeouts.
+    pub codes: Vec<u16>,
+    /// Minimum wait between attempts (default [`DEFAULT_RETRY_BACKOFF`]); may be zero.
+    pub backoff: Duration,
+    /// `nonIdempotent` (Weft extension): also retry methods that are not idempotent (POST,
+    /// PATCH, CONNECT). False (the default) retries GET, HEAD, PUT, DELETE, OPTIONS and
+    /// TRACE only (RFC 9110 §9.2.2).
+    pub non_idempotent: bool,
+}
+
+impl Default for Retry {
+    fn default() -> Retry {
+        Retry {
+            attempts: DEFAULT_RETRY_ATTEMPTS,
+            codes: DEFAULT_RETRY_CODES.to_vec(),
+            backoff: DEFAULT_RETRY_BACKOFF,
+            non_idempotent: false,
+        }
+    }
+}
+
+/// `spec.retryBudget` (Weft extension, after Linkerd's): retries to the service may add at
+/// most `percent` % to the requests sent to it, plus `min_per_second` retries every second
+/// whatever the percentage. A retry the budget refuses is not sent: the failed attempt's
+/// result is returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryBudget {
+    /// `percent`, 0 to 100 (default [`DEFAULT_RETRY_BUDGET_PERCENT`]).
+    pub percent: u32,
+    /// `minRetriesPerSecond` (default [`DEFAULT_RETRY_BUDGET_MIN_PER_SECOND`]).
+    pub min_per_second: u32,
+}
+
+impl Default for RetryBudget {
+    fn default() -> RetryBudget {
+        RetryBudget {
+            percent: DEFAULT_RETRY_BUDGET_PERCENT,
+            min_per_second: DEFAULT_RETRY_BUDGET_MIN_PER_SECOND,
+        }
+    }
+}
+
+/// Weft's `HTTPRoutePolicy`: timeouts and retries for HTTP requests addressed to one service,
+/// applied by the calling agent. The key is the service the client addresses (a TrafficSplit
+/// root service included), not the backend a split picks; a set holds at most one per
+/// service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpRoutePolicy {
+    /// Name, namespace, origin.
+    pub meta: ObjectMeta,
+    /// `spec.service`: the destination service, in the policy's namespace.
+    pub service: ServiceKey,
+    /// `spec.timeouts`; both `None` when absent.
+    pub timeouts: Timeouts,
+    /// `spec.retry`; `None` (absent) means requests are never retried.
+    pub retry: Option<Retry>,
+    /// `spec.retryBudget`, with its defaults when absent.
+    pub budget: RetryBudget,
+}
+
 /// A validated set of policy documents.
 #[derive(Debug, Clone, Default)]
 pub struct PolicySet {
@@ -412,6 +547,9 @@ pub struct PolicySet {
     tcp_routes: Vec<TcpRoute>,
     traffic_splits: Vec<TrafficSplit>,
     mesh: Option<Mesh>,
+    http_route_policies: Vec<HttpRoutePolicy>,
+    /// Index into `http_route_policies` by `service`.
+    route_policy_by_service: HashMap<ServiceKey, usize>,
     warnings: Vec<PolicyError>,
 }
 
@@ -446,6 +584,18 @@ impl PolicySet {
     /// The TrafficSplits.
     pub fn traffic_splits(&self) -> &[TrafficSplit] {
         &self.traffic_splits
+    }
+
+    /// The HTTPRoutePolicies, in file and document order.
+    pub fn http_route_policies(&self) -> &[HttpRoutePolicy] {
+        &self.http_route_policies
+    }
+
+    /// The HTTPRoutePolicy for requests addressed to `service`, if any.
+    pub fn route_policy(&self, service: &ServiceKey) -> Option<&HttpRoutePolicy> {
+        self.route_policy_by_service
+            .get(service)
+            .map(|&i| &self.http_route_policies[i])
     }
 
     /// The Mesh settings, if the set has a Mesh document.
@@ -546,6 +696,8 @@ struct Builder {
     references: Vec<Reference>,
     /// Splits without matches, by root service: the first one's label.
     unmatched_splits: HashMap<ServiceKey, String>,
+    /// HTTPRoutePolicies by service: the first one's label and origin.
+    route_policies: HashMap<ServiceKey, (String, Origin)>,
     set: PolicySet,
 }
 
@@ -685,6 +837,34 @@ impl Builder {
                     self.set.mesh = Some(mesh);
                 }
             }
+            Kind::HttpRoutePolicy => {
+                let Some(policy) = read_http_route_policy(cx, &body, meta) else {
+                    return;
+                };
+                // The service is known even if other fields are wrong: report a second
+                // policy for it either way.
+                if let Some((first, first_origin)) = self.route_policies.get(&policy.service) {
+                    cx.err(
+                        body.get("service").map_or(body.line, |n| n.line),
+                        &body.field("service"),
+                        format!(
+                            "service {} already has a policy, {first} at {first_origin}; a \
+                             service takes one HTTPRoutePolicy",
+                            policy.service
+                        ),
+                    );
+                    return;
+                }
+                let label = object_label(Kind::HttpRoutePolicy, &header.namespace, &header.name);
+                self.route_policies
+                    .insert(policy.service.clone(), (label, origin));
+                if cx.errors.len() == errors_before {
+                    let set = &mut self.set;
+                    set.route_policy_by_service
+                        .insert(policy.service.clone(), set.http_route_policies.len());
+                    set.http_route_policies.push(policy);
+                }
+            }
         }
     }
 
@@ -795,10 +975,13 @@ fn read_header(cx: &mut Cx, top: &MapView<'_>) -> Option<Header> {
     let Some(kind) = Kind::parse(kind_text) else {
         let message = match kind_text {
             "UDPRoute" => "UDPRoute is not supported: Weft carries TCP and HTTP only".to_string(),
-            other => format!(
-                "{other:?} is not a supported kind; expected TrafficTarget, HTTPRouteGroup, \
-                 TCPRoute, TrafficSplit or Mesh"
-            ),
+            other => {
+                let kinds: Vec<&str> = Kind::ALL.iter().map(|k| k.as_str()).collect();
+                format!(
+                    "{other:?} is not a supported kind; expected {}",
+                    one_of(&kinds)
+                )
+            }
         };
         cx.err(kind_node.line, "kind", message);
         return None;
@@ -1503,6 +1686,246 @@ fn read_mesh(cx: &mut Cx, body: &MapView<'_>, name: String, origin: Origin) -> M
         }
     }
     mesh
+}
+
+/// Reads an HTTPRoutePolicy; `None` when its service is unreadable (errors are reported).
+fn read_http_route_policy(
+    cx: &mut Cx,
+    body: &MapView<'_>,
+    meta: ObjectMeta,
+) -> Option<HttpRoutePolicy> {
+    let service = body
+        .required(cx, "service")
+        .and_then(|n| as_name(cx, n, &body.field("service")));
+    let timeouts = match body.get("timeouts") {
+        Some(node) => read_timeouts(cx, node, &body.field("timeouts")),
+        None => Timeouts::default(),
+    };
+    let retry = body
+        .get("retry")
+        .map(|node| read_retry(cx, node, &body.field("retry")));
+    let budget = match body.get("retryBudget") {
+        Some(node) => {
+            if retry.is_none() {
+                cx.warn(
+                    node.line,
+                    &body.field("retryBudget"),
+                    "has no effect without retry",
+                );
+            }
+            read_retry_budget(cx, node, &body.field("retryBudget"))
+        }
+        None => RetryBudget::default(),
+    };
+    Some(HttpRoutePolicy {
+        service: ServiceKey::new(meta.namespace.clone(), service?),
+        meta,
+        timeouts,
+        retry,
+        budget,
+    })
+}
+
+fn read_timeouts(cx: &mut Cx, node: &Node, field: &str) -> Timeouts {
+    let mut timeouts = Timeouts::default();
+    let Some(map) = MapView::of(cx, node, field) else {
+        return timeouts;
+    };
+    map.deny_unknown(cx, &["request", "backendRequest"], None);
+    let request = map
+        .get("request")
+        .and_then(|n| as_duration(cx, n, &map.field("request")));
+    let backend_node = map.get("backendRequest");
+    let backend = backend_node.and_then(|n| as_duration(cx, n, &map.field("backendRequest")));
+    timeouts.request = request.map(|(_, d)| d).filter(|d| !d.is_zero());
+    timeouts.backend_request = backend.map(|(_, d)| d).filter(|d| !d.is_zero());
+    // 0s disables either timeout, so only two non-zero values are compared.
+    if let (Some((request_text, request)), Some((backend_text, backend)), Some(node)) =
+        (request, backend, backend_node)
+        && !request.is_zero()
+        && backend > request
+    {
+        cx.err(
+            node.line,
+            &map.field("backendRequest"),
+            format!(
+                "{backend_text} is longer than the request timeout {request_text}; each \
+                 attempt must fit in the whole request"
+            ),
+        );
+    }
+    timeouts
+}
+
+fn read_retry(cx: &mut Cx, node: &Node, field: &str) -> Retry {
+    let mut retry = Retry::default();
+    let Some(map) = MapView::of(cx, node, field) else {
+        return retry;
+    };
+    map.deny_unknown(cx, &["attempts", "codes", "backoff", "nonIdempotent"], None);
+    if let Some(node) = map.get("attempts")
+        && let Some(n) = as_uint(cx, node, &map.field("attempts"), false)
+    {
+        match u32::try_from(n) {
+            Ok(n) if (1..=MAX_RETRY_ATTEMPTS).contains(&n) => retry.attempts = n,
+            _ => cx.err(
+                node.line,
+                &map.field("attempts"),
+                format!(
+                    "{n} is not a retry count (1-{MAX_RETRY_ATTEMPTS}: retries after the first try)"
+                ),
+            ),
+        }
+    }
+    if let Some(node) = map.get("codes") {
+        retry.codes.clear();
+        for (code_field, item) in list(cx, node, &map.field("codes")) {
+            let Some(n) = as_uint(cx, item, &code_field, false) else {
+                continue;
+            };
+            match u16::try_from(n) {
+                Ok(code) if (400..=599).contains(&code) => {
+                    if retry.codes.contains(&code) {
+                        cx.err(
+                            item.line,
+                            &code_field,
+                            format!("code {code} is listed twice"),
+                        );
+                    } else {
+                        retry.codes.push(code);
+                    }
+                }
+                _ => cx.err(
+                    item.line,
+                    &code_field,
+                    format!("{n} is not a retryable status code (400-599)"),
+                ),
+            }
+        }
+    }
+    if let Some(node) = map.get("backoff")
+        && let Some((_, backoff)) = as_duration(cx, node, &map.field("backoff"))
+    {
+        retry.backoff = backoff;
+    }
+    if let Some(node) = map.get("nonIdempotent")
+        && let Some(flag) = as_bool(cx, node, &map.field("nonIdempotent"))
+    {
+        retry.non_idempotent = flag;
+    }
+    retry
+}
+
+fn read_retry_budget(cx: &mut Cx, node: &Node, field: &str) -> RetryBudget {
+    let mut budget = RetryBudget::default();
+    let Some(map) = MapView::of(cx, node, field) else {
+        return budget;
+    };
+    map.deny_unknown(cx, &["percent", "minRetriesPerSecond"], None);
+    if let Some(node) = map.get("percent")
+        && let Some(n) = as_uint(cx, node, &map.field("percent"), false)
+    {
+        match u32::try_from(n) {
+            Ok(n) if n <= 100 => budget.percent = n,
+            _ => cx.err(
+                node.line,
+                &map.field("percent"),
+                format!("{n} is not a percentage (0-100)"),
+            ),
+        }
+    }
+    if let Some(node) = map.get("minRetriesPerSecond")
+        && let Some(n) = as_uint(cx, node, &map.field("minRetriesPerSecond"), false)
+    {
+        match u32::try_from(n) {
+            Ok(n) => budget.min_per_second = n,
+            Err(_) => cx.err(
+                node.line,
+                &map.field("minRetriesPerSecond"),
+                format!("{n} is above the largest value, {}", u32::MAX),
+            ),
+        }
+    }
+    budget
+}
+
+/// Parses a Gateway API duration (GEP-2257): 1 to 4 groups of 1 to 5 digits and a unit `h`,
+/// `m`, `s` or `ms`, matching `^([0-9]{1,5}(h|m|s|ms)){1,4}$`; groups add up, in any order
+/// (`1h2m3s4ms`, `1m30s`, `500ms`, `0s`). Anything else, such as `1.5s`, `5`, `100000s`,
+/// `-1s`, `1 s` or `1us`, is `None`.
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let bytes = text.as_bytes();
+    let mut total = Duration::ZERO;
+    let mut groups = 0;
+    let mut i = 0;
+    while i < bytes.len() {
+        let digits = bytes[i..].iter().take_while(|b| b.is_ascii_digit()).count();
+        if !(1..=5).contains(&digits) {
+            return None;
+        }
+        // At most 5 digits: always fits.
+        let n: u64 = text[i..i + digits].parse().ok()?;
+        i += digits;
+        let (unit, len) = match &bytes[i..] {
+            [b'm', b's', ..] => (Duration::from_millis(1), 2),
+            [b'h', ..] => (Duration::from_secs(3600), 1),
+            [b'm', ..] => (Duration::from_secs(60), 1),
+            [b's', ..] => (Duration::from_secs(1), 1),
+            _ => return None,
+        };
+        i += len;
+        groups += 1;
+        if groups > 4 {
+            return None;
+        }
+        total += unit * u32::try_from(n).ok()?;
+    }
+    (groups > 0).then_some(total)
+}
+
+/// A duration in GEP-2257's format: the text as written and its value.
+fn as_duration<'n>(cx: &mut Cx, node: &'n Node, path: &str) -> Option<(&'n str, Duration)> {
+    let text = as_str(cx, node, path)?;
+    match parse_duration(text) {
+        Some(duration) => Some((text, duration)),
+        None => {
+            cx.err(
+                node.line,
+                path,
+                format!(
+                    "{text:?} is not a duration: use 1 to 4 groups of up to 5 digits and a unit \
+                     h, m, s or ms, such as 10s, 1m30s or 250ms (Gateway API GEP-2257)"
+                ),
+            );
+            None
+        }
+    }
+}
+
+/// A plain `true` or `false`.
+fn as_bool(cx: &mut Cx, node: &Node, path: &str) -> Option<bool> {
+    match &node.value {
+        Value::Scalar {
+            text,
+            quoted: false,
+        } if text == "true" => Some(true),
+        Value::Scalar {
+            text,
+            quoted: false,
+        } if text == "false" => Some(false),
+        _ => {
+            let found = match &node.value {
+                Value::Scalar { text, quoted: true } => format!("the string {text:?}"),
+                _ => node.describe(),
+            };
+            cx.err(
+                node.line,
+                path,
+                format!("expected true or false, found {found}"),
+            );
+            None
+        }
+    }
 }
 
 // ---- typed access to the YAML tree -----------------------------------------------------------

@@ -7,7 +7,7 @@
 //! (Apache-2.0), `servicemeshinterface/smi-controller-sdk` (Apache-2.0) and
 //! `layer5io/learn-layer5` (Apache-2.0).
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use hyper::HeaderMap;
 use hyper::header::HeaderValue;
@@ -16,7 +16,8 @@ use weft_discovery::ServiceKey;
 
 use super::engine::{Decision, DecisionReason, Engine, HttpRequest, Request};
 use super::model::{
-    DefaultPolicy, HttpMethod, Kind, PathRegexMatch, PolicyError, PolicySet, RouteKind, Subject,
+    DEFAULT_RETRY_BACKOFF, DEFAULT_RETRY_CODES, DefaultPolicy, HttpMethod, Kind, PathRegexMatch,
+    PolicyError, PolicySet, Retry, RetryBudget, RouteKind, Subject, Timeouts, parse_duration,
 };
 
 // ---- helpers ---------------------------------------------------------------------------------
@@ -602,6 +603,266 @@ fn the_mesh_document_sets_the_default_and_path_anchoring() {
     assert_eq!(Kind::Mesh.api_version(), "weft.io/v1alpha1");
 }
 
+/// The HTTPRoutePolicy example of the issue (and of `model.rs`'s documentation).
+const ROUTE_POLICY_EXAMPLE: &str = r#"apiVersion: weft.io/v1alpha1
+kind: HTTPRoutePolicy
+metadata: {name: api, namespace: default}
+spec:
+  service: api                 # the destination service (name, same namespace)
+  timeouts:                    # Gateway API HTTPRoute `timeouts` shape
+    request: 10s
+    backendRequest: 2s
+  retry:                       # Gateway API HTTPRoute `retry` shape (GEP-1731)
+    attempts: 2
+    codes: [502, 503, 504]
+    backoff: 25ms
+    nonIdempotent: false
+  retryBudget:
+    percent: 20
+    minRetriesPerSecond: 10
+"#;
+
+#[test]
+fn the_http_route_policy_example_parses_into_typed_values() {
+    let set = parse_one(ROUTE_POLICY_EXAMPLE);
+    assert!(warnings(&set).is_empty(), "{:?}", warnings(&set));
+    let [policy] = set.http_route_policies() else {
+        panic!("{:?}", set.http_route_policies());
+    };
+    assert_eq!(policy.meta.name, "api");
+    assert_eq!(policy.meta.namespace, "default");
+    assert_eq!(policy.meta.origin.line, 1);
+    assert_eq!(policy.service, key("default", "api"));
+    assert_eq!(
+        policy.timeouts,
+        Timeouts {
+            request: Some(Duration::from_secs(10)),
+            backend_request: Some(Duration::from_secs(2)),
+        }
+    );
+    assert_eq!(
+        policy.retry,
+        Some(Retry {
+            attempts: 2,
+            codes: vec![502, 503, 504],
+            backoff: Duration::from_millis(25),
+            non_idempotent: false,
+        })
+    );
+    assert_eq!(
+        policy.budget,
+        RetryBudget {
+            percent: 20,
+            min_per_second: 10,
+        }
+    );
+    assert_eq!(set.route_policy(&key("default", "api")), Some(policy));
+    assert_eq!(set.route_policy(&key("other", "api")), None);
+    assert_eq!(set.route_policy(&key("default", "web")), None);
+    assert_eq!(Kind::HttpRoutePolicy.as_str(), "HTTPRoutePolicy");
+    assert_eq!(Kind::HttpRoutePolicy.api_version(), "weft.io/v1alpha1");
+    // It sits beside the SMI kinds without changing them.
+    let mixed = parse(&[("a.yaml", SPEC_EXAMPLE), ("b.yaml", ROUTE_POLICY_EXAMPLE)]);
+    assert_eq!(mixed.traffic_targets().len(), 1);
+    assert_eq!(mixed.http_route_policies().len(), 1);
+}
+
+#[test]
+fn http_route_policy_defaults() {
+    let header = "apiVersion: weft.io/v1alpha1\nkind: HTTPRoutePolicy\n";
+    // Only the service: no timeouts, no retries, the default budget.
+    let set = parse_one(&format!(
+        "{header}metadata: {{name: p}}\nspec: {{service: api}}\n"
+    ));
+    let policy = set.route_policy(&key("default", "api")).unwrap();
+    assert_eq!(policy.timeouts, Timeouts::default());
+    assert_eq!(policy.timeouts.request, None);
+    assert_eq!(policy.timeouts.backend_request, None);
+    assert_eq!(policy.retry, None);
+    assert_eq!(policy.budget, RetryBudget::default());
+    assert_eq!(policy.budget.percent, 20);
+    assert_eq!(policy.budget.min_per_second, 10);
+
+    // An empty retry takes every default; 0s disables a timeout (None), so it never counts
+    // against backendRequest; a partial budget keeps the other default.
+    let set = parse_one(&format!(
+        "{header}metadata: {{name: p, namespace: shop}}\nspec:\n  service: api\n  timeouts: {{request: 0s, backendRequest: 1h}}\n  retry: {{}}\n  retryBudget: {{percent: 0}}\n"
+    ));
+    let policy = set.route_policy(&key("shop", "api")).unwrap();
+    assert_eq!(
+        policy.timeouts,
+        Timeouts {
+            request: None,
+            backend_request: Some(Duration::from_secs(3600)),
+        }
+    );
+    let retry = policy.retry.as_ref().unwrap();
+    assert_eq!(*retry, Retry::default());
+    assert_eq!(retry.attempts, 1);
+    assert_eq!(retry.codes, DEFAULT_RETRY_CODES.to_vec());
+    assert_eq!(retry.codes, vec![502, 503, 504]);
+    assert_eq!(retry.backoff, DEFAULT_RETRY_BACKOFF);
+    assert!(!retry.non_idempotent);
+    assert_eq!(
+        policy.budget,
+        RetryBudget {
+            percent: 0,
+            min_per_second: 10,
+        }
+    );
+
+    // Explicit values: an empty code list (connection failures only), a zero backoff,
+    // non-idempotent retries, backendRequest equal to request, 0s backendRequest.
+    let set = parse_one(&format!(
+        "{header}metadata: {{name: p}}\nspec:\n  service: api\n  timeouts: {{request: 1s, backendRequest: 1000ms}}\n  retry: {{attempts: 10, codes: [], backoff: 0ms, nonIdempotent: true}}\n---\n{header}metadata: {{name: q}}\nspec: {{service: web, timeouts: {{request: 1s, backendRequest: 0s}}}}\n"
+    ));
+    let policy = set.route_policy(&key("default", "api")).unwrap();
+    assert_eq!(
+        policy.timeouts,
+        Timeouts {
+            request: Some(Duration::from_secs(1)),
+            backend_request: Some(Duration::from_secs(1)),
+        }
+    );
+    assert_eq!(
+        policy.retry,
+        Some(Retry {
+            attempts: 10,
+            codes: Vec::new(),
+            backoff: Duration::ZERO,
+            non_idempotent: true,
+        })
+    );
+    let web = set.route_policy(&key("default", "web")).unwrap();
+    assert_eq!(web.meta.name, "q");
+    assert_eq!(web.timeouts.request, Some(Duration::from_secs(1)));
+    assert_eq!(web.timeouts.backend_request, None);
+    assert_eq!(set.http_route_policies().len(), 2);
+    assert_eq!(set.http_route_policies()[1].meta.name, "q");
+}
+
+#[test]
+fn http_route_policy_warnings_follow_the_usual_shape() {
+    // A missing apiVersion is read as weft.io/v1alpha1; a budget without retry does nothing;
+    // the flattened shape is accepted as for the other kinds.
+    let set =
+        parse_one("kind: HTTPRoutePolicy\nname: p\nservice: api\nretryBudget: {percent: 50}\n");
+    assert_eq!(
+        warnings(&set),
+        vec![
+            "p.yaml:1: document 1 (HTTPRoutePolicy default/p): apiVersion: missing; read as weft.io/v1alpha1",
+            "p.yaml:4: document 1 (HTTPRoutePolicy default/p): retryBudget: has no effect without retry",
+        ]
+    );
+    let policy = set.route_policy(&key("default", "api")).unwrap();
+    assert_eq!(policy.budget.percent, 50);
+    assert_eq!(policy.retry, None);
+}
+
+#[test]
+fn durations_follow_the_gateway_api_format() {
+    let ok = [
+        ("0s", Duration::ZERO),
+        ("0ms", Duration::ZERO),
+        ("1h", Duration::from_secs(3600)),
+        ("1m", Duration::from_secs(60)),
+        ("10s", Duration::from_secs(10)),
+        ("250ms", Duration::from_millis(250)),
+        ("1m30s", Duration::from_secs(90)),
+        ("1h2m3s4ms", Duration::from_millis(3_723_004)),
+        ("4ms3s2m1h", Duration::from_millis(3_723_004)),
+        ("1s1s", Duration::from_secs(2)),
+        ("99999s", Duration::from_secs(99_999)),
+        ("00001ms", Duration::from_millis(1)),
+        (
+            "99999h99999h99999h99999h",
+            Duration::from_secs(4 * 99_999 * 3600),
+        ),
+    ];
+    for (text, want) in ok {
+        assert_eq!(parse_duration(text), Some(want), "{text}");
+    }
+    let refused = [
+        "",
+        "5",
+        "1.5s",
+        "100000s",
+        "000001s",
+        "1h2m3s4ms5s",
+        "-1s",
+        "+1s",
+        "1 s",
+        " 1s",
+        "1s ",
+        "1us",
+        "1ns",
+        "1d",
+        "1S",
+        "1H",
+        "s",
+        "ms",
+        "1mss",
+        "1sm",
+        "1h-",
+        "0x10s",
+        "１s",
+    ];
+    for text in refused {
+        assert_eq!(parse_duration(text), None, "{text:?}");
+    }
+    // In a document, quoted and plain spellings are the same string.
+    let set = parse_one(
+        "apiVersion: weft.io/v1alpha1\nkind: HTTPRoutePolicy\nmetadata: {name: p}\nspec: {service: api, timeouts: {request: \"1h2m3s4ms\", backendRequest: 1m}}\n",
+    );
+    let policy = set.route_policy(&key("default", "api")).unwrap();
+    assert_eq!(
+        policy.timeouts.request,
+        Some(Duration::from_millis(3_723_004))
+    );
+    assert_eq!(
+        policy.timeouts.backend_request,
+        Some(Duration::from_secs(60))
+    );
+    for text in ["1.5s", "100000s", "5"] {
+        let got = errors(&format!(
+            "apiVersion: weft.io/v1alpha1\nkind: HTTPRoutePolicy\nmetadata: {{name: p}}\nspec: {{service: api, retry: {{backoff: {text}}}}}\n"
+        ));
+        assert_eq!(
+            got,
+            vec![format!(
+                "p.yaml:4: document 1 (HTTPRoutePolicy default/p): spec.retry.backoff: {text:?} \
+                 is not a duration: use 1 to 4 groups of up to 5 digits and a unit h, m, s or \
+                 ms, such as 10s, 1m30s or 250ms (Gateway API GEP-2257)"
+            )]
+        );
+    }
+}
+
+#[test]
+fn a_second_route_policy_for_a_service_names_both_documents_across_files() {
+    let policy = |name: &str| {
+        format!(
+            "apiVersion: weft.io/v1alpha1\nkind: HTTPRoutePolicy\nmetadata: {{name: {name}, namespace: shop}}\nspec:\n  service: api\n"
+        )
+    };
+    assert_eq!(
+        errors_of(&[("a.yaml", &policy("first")), ("b.yaml", &policy("second"))]),
+        vec![
+            "b.yaml:5: document 1 (HTTPRoutePolicy shop/second): spec.service: service shop/api \
+             already has a policy, HTTPRoutePolicy shop/first at a.yaml:1 (document 1); a \
+             service takes one HTTPRoutePolicy"
+        ]
+    );
+    // The same document name twice is the usual duplicate error.
+    assert_eq!(
+        errors_of(&[("a.yaml", &policy("p")), ("b.yaml", &policy("p"))]),
+        vec![
+            "b.yaml:3: document 1 (HTTPRoutePolicy shop/p): metadata.name: HTTPRoutePolicy \
+             shop/p is already defined at a.yaml:1 (document 1)"
+        ]
+    );
+}
+
 #[test]
 fn an_empty_set_and_empty_documents_are_valid() {
     let set = parse(&[("a.yaml", ""), ("b.yaml", "---\n# nothing\n---\n")]);
@@ -609,6 +870,8 @@ fn an_empty_set_and_empty_documents_are_valid() {
     assert!(set.http_route_groups().is_empty());
     assert!(set.tcp_routes().is_empty());
     assert!(set.traffic_splits().is_empty());
+    assert!(set.http_route_policies().is_empty());
+    assert!(set.route_policy(&key("default", "api")).is_none());
     assert!(set.warnings().is_empty());
 }
 
@@ -652,7 +915,7 @@ const ERROR_CASES: &[(&str, &[&str])] = &[
     (
         "kind: Deployment\n",
         &[
-            "p.yaml:1: document 1: kind: \"Deployment\" is not a supported kind; expected TrafficTarget, HTTPRouteGroup, TCPRoute, TrafficSplit or Mesh",
+            "p.yaml:1: document 1: kind: \"Deployment\" is not a supported kind; expected TrafficTarget, HTTPRouteGroup, TCPRoute, TrafficSplit, Mesh or HTTPRoutePolicy",
         ],
     ),
     (
@@ -850,6 +1113,62 @@ const ERROR_CASES: &[(&str, &[&str])] = &[
             "p.yaml:4: document 1 (Mesh m): spec.default: \"permissive\" is not a default; expected allow or deny",
             "p.yaml:4: document 1 (Mesh m): spec.pathRegexMatch: \"regex\" is not a path match; expected prefix or full",
             "p.yaml:8: document 2 (Mesh n): metadata.name: a set holds one Mesh document; one is already defined at p.yaml:1 (document 1)",
+        ],
+    ),
+    // HTTPRoutePolicy.
+    (
+        "kind: HTTPRoutePolicy\napiVersion: weft.io/v1alpha1\nmetadata: {name: p}\nspec:\n  timeouts: {request: 1.5s, backendRequest: 5, idle: 1s}\n  retry: {attempts: 0, codes: [200, 503, 503, 600, \"502\"], backoff: 100000s, perTryTimeout: 1s, nonIdempotent: \"yes\"}\n  retryBudget: {percent: 101, minRetriesPerSecond: 5000000000, ttl: 10s}\n",
+        &[
+            "p.yaml:5: document 1 (HTTPRoutePolicy default/p): spec.service: required",
+            "p.yaml:5: document 1 (HTTPRoutePolicy default/p): spec.timeouts.idle: unknown field; expected request or backendRequest",
+            "p.yaml:5: document 1 (HTTPRoutePolicy default/p): spec.timeouts.request: \"1.5s\" is not a duration: use 1 to 4 groups of up to 5 digits and a unit h, m, s or ms, such as 10s, 1m30s or 250ms (Gateway API GEP-2257)",
+            "p.yaml:5: document 1 (HTTPRoutePolicy default/p): spec.timeouts.backendRequest: \"5\" is not a duration: use 1 to 4 groups of up to 5 digits and a unit h, m, s or ms, such as 10s, 1m30s or 250ms (Gateway API GEP-2257)",
+            "p.yaml:6: document 1 (HTTPRoutePolicy default/p): spec.retry.perTryTimeout: unknown field; expected attempts, codes, backoff or nonIdempotent",
+            "p.yaml:6: document 1 (HTTPRoutePolicy default/p): spec.retry.attempts: 0 is not a retry count (1-10: retries after the first try)",
+            "p.yaml:6: document 1 (HTTPRoutePolicy default/p): spec.retry.codes[0]: 200 is not a retryable status code (400-599)",
+            "p.yaml:6: document 1 (HTTPRoutePolicy default/p): spec.retry.codes[2]: code 503 is listed twice",
+            "p.yaml:6: document 1 (HTTPRoutePolicy default/p): spec.retry.codes[3]: 600 is not a retryable status code (400-599)",
+            "p.yaml:6: document 1 (HTTPRoutePolicy default/p): spec.retry.codes[4]: expected a whole number, found the string \"502\"",
+            "p.yaml:6: document 1 (HTTPRoutePolicy default/p): spec.retry.backoff: \"100000s\" is not a duration: use 1 to 4 groups of up to 5 digits and a unit h, m, s or ms, such as 10s, 1m30s or 250ms (Gateway API GEP-2257)",
+            "p.yaml:6: document 1 (HTTPRoutePolicy default/p): spec.retry.nonIdempotent: expected true or false, found the string \"yes\"",
+            "p.yaml:7: document 1 (HTTPRoutePolicy default/p): spec.retryBudget.ttl: unknown field; expected percent or minRetriesPerSecond",
+            "p.yaml:7: document 1 (HTTPRoutePolicy default/p): spec.retryBudget.percent: 101 is not a percentage (0-100)",
+            "p.yaml:7: document 1 (HTTPRoutePolicy default/p): spec.retryBudget.minRetriesPerSecond: 5000000000 is above the largest value, 4294967295",
+        ],
+    ),
+    (
+        "kind: HTTPRoutePolicy\napiVersion: weft.io/v1alpha1\nmetadata: {name: p, namespace: shop}\nspec:\n  service: Api\n  timeouts:\n    request: 2s\n    backendRequest: 2s1ms\n  retry: {attempts: 11, nonIdempotent: yes}\n  timeout: 1s\n",
+        &[
+            "p.yaml:5: document 1 (HTTPRoutePolicy shop/p): spec.service: \"Api\" is not a valid name: use 1 to 63 lowercase letters, digits, '-', '_' or '.', not starting with '-' or '.'",
+            "p.yaml:8: document 1 (HTTPRoutePolicy shop/p): spec.timeouts.backendRequest: 2s1ms is longer than the request timeout 2s; each attempt must fit in the whole request",
+            "p.yaml:9: document 1 (HTTPRoutePolicy shop/p): spec.retry.attempts: 11 is not a retry count (1-10: retries after the first try)",
+            "p.yaml:9: document 1 (HTTPRoutePolicy shop/p): spec.retry.nonIdempotent: expected true or false, found \"yes\"",
+            "p.yaml:10: document 1 (HTTPRoutePolicy shop/p): spec.timeout: unknown field; expected service, timeouts, retry or retryBudget",
+        ],
+    ),
+    (
+        "kind: HTTPRoutePolicy\napiVersion: weft.io/v1alpha1\nmetadata: {name: p}\nspec:\n  service: {name: api}\n  timeouts: 10s\n  retry: [1]\n  retryBudget: {percent: -1}\n---\nkind: HTTPRoutePolicy\napiVersion: weft.io/v1alpha1\nmetadata: {name: q}\nspec: {service: api, retry: {codes: 503, backoff: \"\"}}\n",
+        &[
+            "p.yaml:5: document 1 (HTTPRoutePolicy default/p): spec.service: expected a string, found a mapping",
+            "p.yaml:6: document 1 (HTTPRoutePolicy default/p): spec.timeouts: expected a mapping, found \"10s\"",
+            "p.yaml:7: document 1 (HTTPRoutePolicy default/p): spec.retry: expected a mapping, found a list",
+            "p.yaml:8: document 1 (HTTPRoutePolicy default/p): spec.retryBudget.percent: expected a whole number, found \"-1\"",
+            "p.yaml:13: document 2 (HTTPRoutePolicy default/q): spec.retry.codes: expected a list, found \"503\"",
+            "p.yaml:13: document 2 (HTTPRoutePolicy default/q): spec.retry.backoff: \"\" is not a duration: use 1 to 4 groups of up to 5 digits and a unit h, m, s or ms, such as 10s, 1m30s or 250ms (Gateway API GEP-2257)",
+        ],
+    ),
+    (
+        "kind: HTTPRoutePolicy\napiVersion: weft.io/v1alpha2\nmetadata: {name: p}\nspec: {service: api}\n---\nkind: HTTPRoutePolicy\napiVersion: gateway.networking.k8s.io/v1\nmetadata: {name: q}\nspec: {service: api}\n",
+        &[
+            "p.yaml:2: document 1 (HTTPRoutePolicy default/p): apiVersion: \"weft.io/v1alpha2\" is not supported; use weft.io/v1alpha1",
+            "p.yaml:7: document 2 (HTTPRoutePolicy default/q): apiVersion: \"gateway.networking.k8s.io/v1\" does not define HTTPRoutePolicy; use weft.io/v1alpha1",
+        ],
+    ),
+    (
+        "kind: HTTPRoutePolicy\napiVersion: weft.io/v1alpha1\nmetadata: {name: one}\nspec: {service: api, retry: {attempts: 0}}\n---\nkind: HTTPRoutePolicy\napiVersion: weft.io/v1alpha1\nmetadata: {name: two}\nspec: {service: api}\n---\nkind: HTTPRoutePolicy\napiVersion: weft.io/v1alpha1\nmetadata: {name: one, namespace: other}\nspec: {service: api}\n",
+        &[
+            "p.yaml:4: document 1 (HTTPRoutePolicy default/one): spec.retry.attempts: 0 is not a retry count (1-10: retries after the first try)",
+            "p.yaml:9: document 2 (HTTPRoutePolicy default/two): spec.service: service default/api already has a policy, HTTPRoutePolicy default/one at p.yaml:1 (document 1); a service takes one HTTPRoutePolicy",
         ],
     ),
 ];

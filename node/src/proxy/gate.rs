@@ -8,15 +8,17 @@
 //! allowed one is sent to the service over one local connection, and the response streams
 //! back. The calling app sees an ordinary HTTP exchange either way.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
-use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
-use hyper::{Request, Response, StatusCode};
+use hyper::{Request, Response, StatusCode, Uri};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
@@ -24,19 +26,21 @@ use tracing::debug;
 use weft_ca::SpiffeId;
 use weft_discovery::{Protocol, ServiceKey};
 
-use super::ProxyContext;
+use super::l7::L7Body;
 use super::metered::Metered;
-use crate::policy::engine::{HttpRequest, Request as Question};
+use super::{Direction, ProxyContext};
+use crate::policy::engine::{Decision, HttpRequest, Request as Question};
+use crate::policy::matcher::normalize_path;
 
 /// The header naming why a request was denied.
 pub const DENY_REASON_HEADER: &str = "weft-deny-reason";
-
-type GateBody = BoxBody<Bytes, hyper::Error>;
 
 /// What one gated stream serves.
 pub struct Gate {
     /// The verified caller.
     pub source: SpiffeId,
+    /// The calling service as metrics name it (`-` for the node itself).
+    pub source_label: String,
     /// The service on this host.
     pub destination: ServiceKey,
     /// Its port, as policy sees it.
@@ -45,51 +49,51 @@ pub struct Gate {
     pub protocol: Protocol,
 }
 
-/// Local connection to the service, for one gated stream. HTTP/1.1 carries one request at a
-/// time (as the gated stream does); HTTP/2 multiplexes them.
-enum Upstream {
-    Http1(Mutex<hyper::client::conn::http1::SendRequest<Incoming>>),
-    Http2(hyper::client::conn::http2::SendRequest<Incoming>),
+/// How a gated stream reaches the service.
+pub enum Upstream {
+    /// One HTTP/1.1 connection, for a TCP-kind stream (one request at a time, as the stream).
+    Http1(Mutex<hyper::client::conn::http1::SendRequest<L7Body>>),
+    /// One HTTP/2 connection, for a TCP-kind stream.
+    Http2(hyper::client::conn::http2::SendRequest<L7Body>),
+    /// The agent's pooled clients, for an HTTP-kind stream (multiplexed requests).
+    Pooled(SocketAddr, Protocol),
 }
 
-/// Serves HTTP on `mesh` until the caller closes it, deciding every request; allowed requests
-/// go to the service over `tcp`. Returns the bytes (from the mesh, to the mesh).
+impl Upstream {
+    /// HTTP over `tcp`, a connection to a service speaking `protocol`.
+    pub async fn over(protocol: Protocol, tcp: TcpStream) -> Result<Upstream, hyper::Error> {
+        Ok(match protocol {
+            Protocol::Http2 | Protocol::Grpc => {
+                let (sender, connection) =
+                    hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                        .await?;
+                tokio::spawn(connection);
+                Upstream::Http2(sender)
+            }
+            Protocol::Http | Protocol::Tcp => {
+                let (sender, connection) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+                tokio::spawn(connection.with_upgrades());
+                Upstream::Http1(Mutex::new(sender))
+            }
+        })
+    }
+}
+
+/// Serves HTTP on `mesh` until the caller closes it, deciding every request and sending the
+/// allowed ones `upstream`. The caller speaks HTTP/2 on HTTP-kind streams, else the service's
+/// protocol. Returns the bytes (from the mesh, to the mesh).
 pub async fn serve(
     context: Arc<ProxyContext>,
     gate: Gate,
     mesh: Metered,
-    tcp: TcpStream,
+    upstream: Upstream,
 ) -> (u64, u64) {
     let (read, written) = (mesh.read.clone(), mesh.written.clone());
-    let upstream = match gate.protocol {
-        Protocol::Http2 | Protocol::Grpc => {
-            match hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-                .await
-            {
-                Ok((sender, connection)) => {
-                    tokio::spawn(connection);
-                    Upstream::Http2(sender)
-                }
-                Err(e) => {
-                    debug!(service = %gate.destination, error = %e, "HTTP/2 handshake with the service failed");
-                    return (0, 0);
-                }
-            }
-        }
-        Protocol::Http | Protocol::Tcp => {
-            match hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await {
-                Ok((sender, connection)) => {
-                    tokio::spawn(connection.with_upgrades());
-                    Upstream::Http1(Mutex::new(sender))
-                }
-                Err(e) => {
-                    debug!(service = %gate.destination, error = %e, "HTTP/1.1 handshake with the service failed");
-                    return (0, 0);
-                }
-            }
-        }
+    let caller_speaks_h2 = match &upstream {
+        Upstream::Pooled(..) => true,
+        _ => matches!(gate.protocol, Protocol::Http2 | Protocol::Grpc),
     };
-    let protocol = gate.protocol;
     let shared = Arc::new((gate, upstream));
     let handler_context = context.clone();
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
@@ -101,23 +105,20 @@ pub async fn serve(
         }
     });
     let io = TokioIo::new(mesh);
-    let result = match protocol {
-        Protocol::Http2 | Protocol::Grpc => {
-            let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .serve_connection(io, service);
-            tokio::select! {
-                result = connection => result,
-                _ = context.cut.cancelled() => Ok(()),
-            }
+    let result = if caller_speaks_h2 {
+        let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .serve_connection(io, service);
+        tokio::select! {
+            result = connection => result,
+            _ = context.cut.cancelled() => Ok(()),
         }
-        Protocol::Http | Protocol::Tcp => {
-            let connection = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, service)
-                .with_upgrades();
-            tokio::select! {
-                result = connection => result,
-                _ = context.cut.cancelled() => Ok(()),
-            }
+    } else {
+        let connection = hyper::server::conn::http1::Builder::new()
+            .serve_connection(io, service)
+            .with_upgrades();
+        tokio::select! {
+            result = connection => result,
+            _ = context.cut.cancelled() => Ok(()),
         }
     };
     if let Err(e) = result {
@@ -129,13 +130,32 @@ pub async fn serve(
     )
 }
 
-/// Decides one request and answers it or sends it on.
+/// Decides one request and answers it or sends it on; counts it.
 async fn handle(
     context: &ProxyContext,
     gate: &Gate,
     upstream: &Upstream,
     request: Request<Incoming>,
-) -> Response<GateBody> {
+) -> Response<L7Body> {
+    let started = Instant::now();
+    let response = decide_and_forward(context, gate, upstream, request).await;
+    context.l7.metrics.request(
+        Direction::Inbound,
+        &gate.source_label,
+        &gate.destination.to_string(),
+        "-",
+        response.status(),
+        started.elapsed(),
+    );
+    response
+}
+
+async fn decide_and_forward(
+    context: &ProxyContext,
+    gate: &Gate,
+    upstream: &Upstream,
+    request: Request<Incoming>,
+) -> Response<L7Body> {
     let decision = context.shared.policy.decide(&Question {
         source: &gate.source,
         destination: &gate.destination,
@@ -148,21 +168,44 @@ async fn handle(
     });
     if !decision.allowed {
         debug!(source = %gate.source, destination = %gate.destination, method = %request.method(), %decision, "request denied");
-        return text(
-            StatusCode::FORBIDDEN,
-            Some(decision.reason.as_str()),
-            format!(
-                "weft: {} may not {} {} on {}: {decision}\n",
-                gate.source,
-                request.method(),
-                request.uri().path(),
-                gate.destination
-            ),
+        return forbidden(
+            &gate.source,
+            request.method(),
+            request.uri().path(),
+            &gate.destination,
+            &decision,
         );
     }
+    let (mut parts, body) = request.into_parts();
+    // The service sees the path policy decided on (`/a/../b` is `/b`), so that what was
+    // allowed is what is served.
+    let raw = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    if let Cow::Owned(normalized) = normalize_path(raw) {
+        let mut uri = parts.uri.clone().into_parts();
+        uri.path_and_query = normalized.parse().ok();
+        if let Ok(rebuilt) = Uri::from_parts(uri) {
+            parts.uri = rebuilt;
+        }
+    }
+    let request = Request::from_parts(parts, body.boxed());
     let sent = match upstream {
-        Upstream::Http1(sender) => sender.lock().await.send_request(request).await,
-        Upstream::Http2(sender) => sender.clone().send_request(request).await,
+        Upstream::Http1(sender) => sender
+            .lock()
+            .await
+            .send_request(request)
+            .await
+            .map_err(|e| e.to_string()),
+        Upstream::Http2(sender) => sender
+            .clone()
+            .send_request(request)
+            .await
+            .map_err(|e| e.to_string()),
+        Upstream::Pooled(address, protocol) => context
+            .l7
+            .clients
+            .send_local(*address, *protocol, request)
+            .await
+            .map_err(|e| format!("{e:?}")),
     };
     match sent {
         Ok(response) => response.map(BodyExt::boxed),
@@ -177,7 +220,22 @@ async fn handle(
     }
 }
 
-fn text(status: StatusCode, deny_reason: Option<&'static str>, body: String) -> Response<GateBody> {
+/// The 403 for a denied request, naming the reason in [`DENY_REASON_HEADER`].
+pub fn forbidden(
+    source: &SpiffeId,
+    method: &hyper::Method,
+    path: &str,
+    destination: &ServiceKey,
+    decision: &Decision,
+) -> Response<L7Body> {
+    text(
+        StatusCode::FORBIDDEN,
+        Some(decision.reason.as_str()),
+        format!("weft: {source} may not {method} {path} on {destination}: {decision}\n"),
+    )
+}
+
+fn text(status: StatusCode, deny_reason: Option<&'static str>, body: String) -> Response<L7Body> {
     let mut response = Response::new(
         Full::new(Bytes::from(body))
             .map_err(|never| match never {})

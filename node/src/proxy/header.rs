@@ -2,7 +2,10 @@
 //! QUIC stream, and the one reply the receiving agent sends before any application byte.
 //!
 //! ```text
-//! header := version u8 (=1) | kind u8 (1 = TCP stream) | dest | source      (strings: u16 BE length + UTF-8)
+//! header := version u8 (=1) | kind u8 | dest | source      (strings: u16 BE length + UTF-8)
+//!           kind   = 1: a TCP connection: after the reply, the app's bytes both ways
+//!                    2: HTTP: after the reply, the sender speaks HTTP/2 (prior knowledge) and
+//!                       multiplexes requests from `source` to `dest` on the stream
 //!           dest   = "namespace/name" of the destination service
 //!           source = "namespace/name" of the calling service, or "" for the node itself
 //! reply  := status u8 | reason (u16 BE length + UTF-8)
@@ -19,12 +22,34 @@ use weft_discovery::ServiceKey;
 pub const VERSION: u8 = 1;
 /// Kind of a plain TCP stream.
 pub const KIND_TCP: u8 = 1;
+/// Kind of a stream carrying HTTP/2 requests.
+pub const KIND_HTTP: u8 = 2;
+
+/// What a stream carries after the reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StreamKind {
+    /// One TCP connection's bytes.
+    Tcp,
+    /// HTTP/2 requests, decided and routed one by one.
+    Http,
+}
+
+impl StreamKind {
+    fn byte(self) -> u8 {
+        match self {
+            StreamKind::Tcp => KIND_TCP,
+            StreamKind::Http => KIND_HTTP,
+        }
+    }
+}
 /// Longest string field accepted.
 pub const MAX_FIELD: usize = 256;
 
 /// What a stream is for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamHeader {
+    /// What the stream carries.
+    pub kind: StreamKind,
     /// The service to deliver to.
     pub destination: ServiceKey,
     /// The calling service, if the connection acts for one.
@@ -134,7 +159,7 @@ fn service_of(field: &[u8]) -> Result<ServiceKey, HeaderError> {
 impl StreamHeader {
     /// Encodes the header.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = vec![VERSION, KIND_TCP];
+        let mut out = vec![VERSION, self.kind.byte()];
         push_field(&mut out, &self.destination.to_string());
         push_field(
             &mut out,
@@ -153,10 +178,11 @@ impl StreamHeader {
         if version != VERSION {
             return Err(HeaderError::Version(version));
         }
-        let kind = *buf.get(1).ok_or(HeaderError::Incomplete)?;
-        if kind != KIND_TCP {
-            return Err(HeaderError::Kind(kind));
-        }
+        let kind = match *buf.get(1).ok_or(HeaderError::Incomplete)? {
+            KIND_TCP => StreamKind::Tcp,
+            KIND_HTTP => StreamKind::Http,
+            other => return Err(HeaderError::Kind(other)),
+        };
         let (destination, at) = read_field(buf, 2)?;
         let (source, used) = read_field(buf, at)?;
         let destination = service_of(destination)?;
@@ -167,6 +193,7 @@ impl StreamHeader {
         };
         Ok((
             StreamHeader {
+                kind,
                 destination,
                 source,
             },
@@ -196,6 +223,7 @@ mod tests {
 
     fn header(source: Option<&str>) -> StreamHeader {
         StreamHeader {
+            kind: StreamKind::Tcp,
             destination: ServiceKey::new("shop", "db"),
             source: source.map(|s| ServiceKey::new("default", s)),
         }
@@ -210,6 +238,17 @@ mod tests {
             longer.extend_from_slice(b"app bytes");
             assert_eq!(StreamHeader::decode(&longer).unwrap().1, bytes.len());
         }
+    }
+
+    #[test]
+    fn http_streams_round_trip() {
+        let h = StreamHeader {
+            kind: StreamKind::Http,
+            ..header(Some("web"))
+        };
+        let bytes = h.encode();
+        assert_eq!(bytes[1], KIND_HTTP);
+        assert_eq!(StreamHeader::decode(&bytes), Ok((h, bytes.len())));
     }
 
     #[test]

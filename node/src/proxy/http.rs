@@ -36,6 +36,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 use weft_discovery::ServiceKey;
 
+use super::l7;
 use super::metered::Metered;
 use super::outbound::{self, ConnectError};
 use super::{Direction, ProxyContext, source_label, splice};
@@ -321,9 +322,35 @@ async fn tunnel(
     Response::new(empty())
 }
 
-/// A plain request: sent to the service in origin-form on its own stream, the response
-/// streamed back.
+/// A plain request: to an HTTP service, routed, balanced and retried per request by the L7
+/// proxy; to a TCP service, sent in origin-form on its own stream. The response streams back.
 async fn forward(
+    context: &Arc<ProxyContext>,
+    request: Request<Incoming>,
+    service: ServiceKey,
+    source: Option<ServiceKey>,
+) -> Response<ProxyBody> {
+    let response = if l7::is_http(context, &service) {
+        l7::handle(
+            context,
+            origin_form(request).map(BodyExt::boxed),
+            &service,
+            source.as_ref(),
+        )
+        .await
+    } else {
+        forward_on_stream(context, request, service, source).await
+    };
+    let (mut parts, body) = response.into_parts();
+    // The app's hop is HTTP/1.1 (keep-alive) whatever the service spoke; hyper answers a
+    // 1.0 app in 1.0.
+    parts.version = Version::HTTP_11;
+    strip_hop_by_hop(&mut parts.headers);
+    Response::from_parts(parts, body)
+}
+
+/// A request to a TCP service that speaks HTTP anyway: one stream, one exchange.
+async fn forward_on_stream(
     context: &Arc<ProxyContext>,
     request: Request<Incoming>,
     service: ServiceKey,
@@ -364,14 +391,7 @@ async fn forward(
         );
     });
     match sender.send_request(origin_form(request)).await {
-        Ok(response) => {
-            let (mut parts, body) = response.into_parts();
-            // The app's hop is HTTP/1.1 (keep-alive) whatever the service spoke; hyper
-            // answers a 1.0 app in 1.0.
-            parts.version = Version::HTTP_11;
-            strip_hop_by_hop(&mut parts.headers);
-            Response::from_parts(parts, body.boxed())
-        }
+        Ok(response) => response.map(BodyExt::boxed),
         Err(e) => bad_gateway(context, &service, &e),
     }
 }

@@ -15,18 +15,18 @@ use crate::policy::engine::Request;
 use weft_ca::{SpiffeId, Usage, VerifiedSvid};
 use weft_discovery::Protocol;
 
-use super::gate::{self, Gate};
-use super::header::{self, MAX_FIELD, Status, StreamHeader};
+use super::gate::{self, Gate, Upstream};
+use super::header::{self, MAX_FIELD, Status, StreamHeader, StreamKind};
 use super::metered::Metered;
 use super::tunnel::{peer_node, track};
 use super::{CONNECT_TIMEOUT, Direction, HEADER_TIMEOUT, ProxyContext, source_label, splice};
 
 /// How an accepted stream is carried to the service.
 enum Carry {
-    /// Bytes pass through: the policy decided the connection as a whole.
-    Splice,
+    /// Bytes pass through to this connection: the policy decided the stream as a whole.
+    Splice(TcpStream),
     /// HTTP, decided request by request.
-    Gate(Gate),
+    Gate(Gate, Upstream),
 }
 
 /// Serves every stream of one `weft/1` connection.
@@ -115,32 +115,50 @@ async fn stream(
             ));
         };
         let port = service.address.port();
-        let carry = if service.protocol == Protocol::Tcp {
-            let decision = context.shared.policy.decide(&Request {
-                source: &source_id,
-                destination: &header.destination,
-                port,
-                http: None,
-            });
-            if !decision.allowed {
-                return Err(refuse(Status::Denied, format!("{source_id}: {decision}")));
-            }
-            Carry::Splice
-        } else {
-            match context
-                .shared
-                .policy
-                .decide_connection(&source_id, &header.destination, port)
-            {
-                Some(decision) if decision.allowed => Carry::Splice,
-                _ => Carry::Gate(Gate {
-                    source: source_id.clone(),
-                    destination: header.destination.clone(),
-                    port,
-                    protocol: service.protocol,
-                }),
-            }
+        let gate = || Gate {
+            source: source_id.clone(),
+            source_label: source_label(header.source.as_ref()),
+            destination: header.destination.clone(),
+            port,
+            protocol: service.protocol,
         };
+        let carry =
+            match (header.kind, service.protocol) {
+                (StreamKind::Http, Protocol::Tcp) => {
+                    return Err(refuse(
+                        Status::BadHeader,
+                        format!(
+                            "{} is a TCP service; it takes TCP streams",
+                            header.destination
+                        ),
+                    ));
+                }
+                (StreamKind::Http, protocol) => {
+                    // Requests are decided one by one; the service is reached through the pool.
+                    let carry = Carry::Gate(gate(), Upstream::Pooled(service.address, protocol));
+                    return Ok((header, carry));
+                }
+                (StreamKind::Tcp, Protocol::Tcp) => {
+                    let decision = context.shared.policy.decide(&Request {
+                        source: &source_id,
+                        destination: &header.destination,
+                        port,
+                        http: None,
+                    });
+                    if !decision.allowed {
+                        return Err(refuse(Status::Denied, format!("{source_id}: {decision}")));
+                    }
+                    None
+                }
+                (StreamKind::Tcp, _) => match context.shared.policy.decide_connection(
+                    &source_id,
+                    &header.destination,
+                    port,
+                ) {
+                    Some(decision) if decision.allowed => None,
+                    _ => Some(gate()),
+                },
+            };
         let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(service.address))
             .await
         {
@@ -162,7 +180,19 @@ async fn stream(
             }
         };
         let _ = tcp.set_nodelay(true);
-        Ok((header, tcp, carry))
+        let carry = match carry {
+            None => Carry::Splice(tcp),
+            Some(gate) => match Upstream::over(gate.protocol, tcp).await {
+                Ok(upstream) => Carry::Gate(gate, upstream),
+                Err(e) => {
+                    return Err(refuse(
+                        Status::UpstreamRefused,
+                        format!("{} at {}: {e}", header.destination, service.address),
+                    ));
+                }
+            },
+        };
+        Ok((header, carry))
     }
     .await;
     match reply {
@@ -172,7 +202,7 @@ async fn stream(
                 let _ = send.stopped().await;
             }
         }
-        Ok((header, mut tcp, carry)) => {
+        Ok((header, carry)) => {
             if let Err(e) = send.write_all(&header::encode_reply(Status::Ok, "")).await {
                 context.metrics.stream_error("reply_failed");
                 debug!(error = %e, "stream closed before the reply");
@@ -185,10 +215,11 @@ async fn stream(
                 .opened(Direction::Inbound, &source, &destination);
             let mut mesh = tokio::io::join(recv, send);
             let (read, written) = match carry {
-                Carry::Splice => splice(&mut tcp, &mut mesh, &context.cut).await,
-                Carry::Gate(gate) => {
+                Carry::Splice(mut tcp) => splice(&mut tcp, &mut mesh, &context.cut).await,
+                Carry::Gate(gate, upstream) => {
                     let mesh = Metered::new(Box::pin(mesh));
-                    let (from_mesh, to_mesh) = gate::serve(context.clone(), gate, mesh, tcp).await;
+                    let (from_mesh, to_mesh) =
+                        gate::serve(context.clone(), gate, mesh, upstream).await;
                     // As `splice` reports them: read from the service, written to it.
                     (to_mesh, from_mesh)
                 }

@@ -30,7 +30,7 @@ pub enum Direction {
 }
 
 impl Direction {
-    fn label(self) -> &'static str {
+    pub fn label(self) -> &'static str {
         match self {
             Direction::Outbound => "outbound",
             Direction::Inbound => "inbound",

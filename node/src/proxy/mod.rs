@@ -12,6 +12,7 @@ pub mod gate;
 pub mod header;
 pub mod http;
 pub mod inbound;
+pub mod l7;
 pub mod metered;
 pub mod metrics;
 pub mod outbound;
@@ -23,7 +24,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use weft_ca::TrustDomain;
+use weft_ca::{SpiffeId, TrustDomain};
 use weft_discovery::ServiceKey;
 
 use crate::agent::Shared;
@@ -46,6 +47,8 @@ pub struct ProxyContext {
     pub metrics: ProxyMetrics,
     /// Pooled tunnels to peers.
     pub tunnels: tunnel::TunnelPool,
+    /// Per-request HTTP state: balancer, clients, retry budgets, golden metrics.
+    pub l7: l7::L7,
     /// Tracks every connection in flight, for draining.
     pub connections: TaskTracker,
     /// Cancelled when the drain deadline passes: in-flight connections are cut.
@@ -54,8 +57,21 @@ pub struct ProxyContext {
     pub draining: CancellationToken,
 }
 
+/// The identity a local app's traffic carries: its source service's, or this node's.
+pub fn local_identity(context: &ProxyContext, source: Option<&ServiceKey>) -> Option<SpiffeId> {
+    match source {
+        Some(s) => SpiffeId::service(&context.trust_domain, &s.namespace, &s.name).ok(),
+        None => SpiffeId::node(
+            &context.trust_domain,
+            &context.shared.config.load().node.name,
+        )
+        .ok(),
+    }
+}
+
 /// Keeps the tunnel pool in step with membership: whenever the catalog changes, tunnels to
-/// peers that are no longer alive members are closed. Runs until the catalog is gone.
+/// peers that are no longer alive members are closed (and their balancing statistics
+/// forgotten). Runs until the catalog is gone.
 pub async fn prune_tunnels(context: Arc<ProxyContext>) {
     let mut catalog = context.shared.catalog.clone();
     loop {
@@ -67,6 +83,7 @@ pub async fn prune_tunnels(context: Arc<ProxyContext>) {
             .filter_map(|m| m.record.as_ref().map(|r| r.tunnel_addr))
             .collect();
         context.tunnels.prune(&live);
+        context.l7.balancer.retain(&live);
         if catalog.changed().await.is_err() {
             return;
         }

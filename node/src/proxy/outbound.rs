@@ -16,11 +16,12 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
-use weft_discovery::ServiceKey;
+use weft_discovery::{Protocol, ServiceKey};
 
-use super::header::StreamHeader;
+use super::header::{StreamHeader, StreamKind};
 use super::{CONNECT_TIMEOUT, Direction, ProxyContext, source_label, splice};
 use crate::config::UpstreamConfig;
+use crate::policy::engine::Request;
 
 /// A byte stream to a service, through a tunnel or to a local port.
 pub trait Duplex: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -69,12 +70,16 @@ pub async fn connect(
     // Prefer this host: no tunnel, no extra hop.
     endpoints.sort_by_key(|e| !e.is_local);
     let header = StreamHeader {
+        kind: StreamKind::Tcp,
         destination: service.clone(),
         source: source.cloned(),
     };
     let mut last = (String::new(), "");
     for endpoint in endpoints {
-        if endpoint.is_local {
+        // A local endpoint is reached directly only when policy lets the whole connection
+        // through; otherwise through this agent's own tunnel endpoint, which enforces it as
+        // for any peer.
+        if endpoint.is_local && local_shortcut_allowed(context, service, source) {
             let address = context
                 .shared
                 .config
@@ -113,6 +118,38 @@ pub async fn connect(
         last: last.0,
         reason: last.1,
     })
+}
+
+/// Whether policy lets a connection from `source` to the local `service` through as a whole.
+fn local_shortcut_allowed(
+    context: &ProxyContext,
+    service: &ServiceKey,
+    source: Option<&ServiceKey>,
+) -> bool {
+    let config = context.shared.config.load();
+    let Some(local) = config.services.iter().find(|s| &s.key == service) else {
+        return false;
+    };
+    let Some(id) = super::local_identity(context, source) else {
+        return false;
+    };
+    let port = local.address.port();
+    let policy = &context.shared.policy;
+    match local.protocol {
+        Protocol::Tcp => {
+            policy
+                .decide(&Request {
+                    source: &id,
+                    destination: service,
+                    port,
+                    http: None,
+                })
+                .allowed
+        }
+        _ => policy
+            .decide_connection(&id, service, port)
+            .is_some_and(|d| d.allowed),
+    }
 }
 
 /// Carries one app connection to `service`.
@@ -263,11 +300,15 @@ async fn accept_loop(
             _ = stop.cancelled() => return,
         };
         let source = source_of(&context, &upstream);
-        context.connections.spawn(carry(
-            context.clone(),
-            app,
-            upstream.service.clone(),
-            source,
-        ));
+        let service = upstream.service.clone();
+        if super::l7::is_http(&context, &service) {
+            context
+                .connections
+                .spawn(super::l7::serve_app(context.clone(), app, service, source));
+        } else {
+            context
+                .connections
+                .spawn(carry(context.clone(), app, service, source));
+        }
     }
 }
