@@ -11,7 +11,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use weft_tests::agent::{Cluster, TestAgent, free_port, wait_until};
+use weft_tests::agent::{Cluster, TestAgent, free_port, start_cluster_with, wait_until};
 
 /// The service name: in the scope of every test join token (`TOKEN_SCOPE`).
 const SERVICE: &str = "web";
@@ -345,6 +345,100 @@ fn connect_tunnels_curl_to_the_service() {
         log.contains("503") && log.to_ascii_lowercase().contains("weft-error: no_endpoint"),
         "{log}"
     );
+}
+
+#[test]
+fn a_rate_limit_answers_429_and_every_request_is_in_the_access_logs() {
+    const LIMIT: u32 = 5;
+    let files = FileServer::start();
+    let port = files.port;
+    let cluster = start_cluster_with(
+        3,
+        |spec| {
+            if spec.name == "a2" {
+                spec.extra = format!(
+                    "[[service]]\nname = \"{SERVICE}\"\nprotocol = \"http\"\nport = {port}\n\
+                     rate_limit = {{ rps = {LIMIT}, burst = {LIMIT} }}\n"
+                );
+            }
+        },
+        |spec, text| {
+            // The keyring sits in the cluster's directory.
+            let dir = spec.keyring.parent().expect("keyring in the cluster dir");
+            let log = format!(
+                "[log]\naccess_log = \"{}/{}-access.log\"\n",
+                dir.display(),
+                spec.name
+            );
+            text.replacen("[log]\n", &log, 1)
+        },
+    )
+    .expect("start three agents");
+    let log_of = |name: &str| {
+        std::fs::read_to_string(cluster.dir().join(format!("{name}-access.log")))
+            .unwrap_or_default()
+    };
+    let ready = wait_until(Duration::from_secs(15), || {
+        cluster.all_ready()
+            && cluster.agents[2].endpoints(&format!("default/{SERVICE}"))
+                == [("a2".to_string(), "passing".to_string())]
+    });
+    assert!(ready.is_some(), "mesh not ready\n{}", cluster.logs());
+    let a3 = &cluster.agents[2];
+    // 30 requests at once: about the burst passes, the rest get 429 from a2's agent.
+    let mut statuses = Vec::new();
+    for _ in 0..30 {
+        let output = curl(
+            a3,
+            &[
+                "--include",
+                &format!("http://{SERVICE}.weft/{FILE}?token=secret"),
+            ],
+        );
+        let (status, headers, _) = status_headers_body(&output);
+        if status == 429 {
+            assert!(
+                headers.contains("weft-error: rate_limited\r\n"),
+                "{headers}"
+            );
+            assert!(headers.contains("retry-after: 1\r\n"), "{headers}");
+        }
+        statuses.push(status);
+    }
+    let passed = statuses.iter().filter(|s| **s == 200).count();
+    let limited = statuses.iter().filter(|s| **s == 429).count();
+    println!("30 quick requests with a limit of {LIMIT}/s: {passed} passed, {limited} got 429");
+    assert_eq!(passed + limited, 30, "{statuses:?}");
+    assert!(
+        (LIMIT as usize..=LIMIT as usize + 10).contains(&passed),
+        "{passed} passed; statuses {statuses:?}"
+    );
+    let refused = format!("weft_http_rate_limited_total{{destination=\"default/{SERVICE}\"}}");
+    assert!(metric_reaches(&cluster.agents[1], &refused, limited as f64));
+    // Every request is one JSON line in a3's (outbound) and a2's (inbound) access logs, the
+    // path without its query.
+    let complete = wait_until(Duration::from_secs(5), || {
+        log_of("a3").lines().count() >= 30 && log_of("a2").lines().count() >= 30
+    });
+    assert!(
+        complete.is_some(),
+        "a3:\n{}\na2:\n{}",
+        log_of("a3"),
+        log_of("a2")
+    );
+    for (name, direction) in [("a3", "outbound"), ("a2", "inbound")] {
+        let lines: Vec<serde_json::Value> = log_of(name)
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("each access log line is JSON"))
+            .collect();
+        assert_eq!(lines.len(), 30, "{name}");
+        assert!(lines.iter().all(|l| l["direction"] == direction
+            && l["destination"] == format!("default/{SERVICE}")
+            && l["path"] == format!("/{FILE}")
+            && l["trace_id"].as_str().is_some_and(|t| t.len() == 32)));
+        let logged_429 = lines.iter().filter(|l| l["status"] == 429).count();
+        assert_eq!(logged_429, limited, "{name}");
+    }
 }
 
 #[test]

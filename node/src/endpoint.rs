@@ -1,6 +1,6 @@
 //! The agent's QUIC endpoint on the tunnel port: one UDP socket for every protocol between
 //! agents, told apart by ALPN: data-plane tunnels (`weft/1`, every agent), policy bundle
-//! fetches (`weft-policy/1`, every agent) and the CA protocol (`weft-ca/1`, CA hosts). It also carries this agent's own outgoing tunnels and CA requests.
+//! fetches (`weft-policy/1`, every agent), golden-metric snapshots (`weft-stats/1`, every agent) and the CA protocol (`weft-ca/1`, CA hosts). It also carries this agent's own outgoing tunnels and CA requests.
 //!
 //! It is bound before the agent joins gossip, so a port in use fails startup. The server
 //! certificate is chosen per ALPN and swapped on rotation without touching live connections.
@@ -16,6 +16,7 @@ use weft_ca::tls::{
 };
 
 use crate::agent::policy_sync::{self, ALPN_POLICY};
+use crate::agent::stats;
 use crate::proxy::tunnel::{ALPN_TUNNEL, MAX_UDP_PAYLOAD, transport_config};
 use crate::proxy::{ProxyContext, inbound};
 
@@ -62,7 +63,7 @@ impl QuicEndpoint {
         let mut config = quic_server_config(
             resolver.clone(),
             OptionalSvidClientVerifier::new(bundle),
-            &[ALPN_TUNNEL, ALPN_CA, ALPN_POLICY],
+            &[ALPN_TUNNEL, ALPN_CA, ALPN_POLICY, stats::ALPN_STATS],
         )?;
         config.transport_config(Arc::new(transport_config()));
         let socket = bind_udp(addr).map_err(|e| EndpointError::Bind(addr, e))?;
@@ -123,6 +124,9 @@ impl QuicEndpoint {
                     (Some(ALPN_CA), Some(ca)) => ca.serve(connection).await,
                     (Some(ALPN_POLICY), _) => {
                         policy_sync::serve(proxy.shared.clone(), connection).await
+                    }
+                    (Some(stats::ALPN_STATS), _) => {
+                        stats::serve(proxy.shared.clone(), connection).await
                     }
                     (alpn, _) => {
                         warn!(%remote, alpn = ?alpn.map(String::from_utf8_lossy), "no service for this protocol here");

@@ -27,6 +27,8 @@ pub mod paths {
     /// `GET ?from=SVC&to=SVC[&port=P][&method=M&path=P[&header=NAME:VALUE]…]`: a decision explained
     /// ([`super::WhyReport`]).
     pub const WHY: &str = "/v1/why";
+    /// `GET`: every alive member's HTTP golden-metric counters ([`super::StatReport`]).
+    pub const STAT: &str = "/v1/stat";
     /// `GET`: Prometheus text.
     pub const METRICS: &str = "/metrics";
     /// `GET`: 200 when ready to serve, 503 otherwise.
@@ -299,4 +301,26 @@ impl KeysReport {
             uniform,
         }
     }
+}
+
+/// `GET /v1/stat`: the inbound HTTP counters of every alive member, gathered by one agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatReport {
+    /// The agent that gathered them.
+    pub node: String,
+    /// One entry per alive member (this agent included), by name.
+    pub agents: Vec<AgentStat>,
+}
+
+/// One member's answer to a stats fetch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentStat {
+    /// Member name.
+    pub node: String,
+    /// Tunnel address asked.
+    pub addr: Option<SocketAddr>,
+    /// Its counters, if it answered.
+    pub snapshot: Option<crate::agent::stats::AgentSnapshot>,
+    /// Why it did not answer.
+    pub error: Option<String>,
 }

@@ -123,6 +123,11 @@ where
                     && request.uri().path() == paths::POLICY
                 {
                     policy::offer(&shared, request).await
+                } else if surface == Surface::Socket
+                    && request.method() == Method::GET
+                    && request.uri().path() == paths::STAT
+                {
+                    json(&crate::agent::stats::gather(&shared).await)
                 } else {
                     route(&shared, surface, &request)
                 };

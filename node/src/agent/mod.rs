@@ -10,6 +10,7 @@
 pub mod policy;
 pub mod policy_sync;
 mod reload;
+pub mod stats;
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -211,8 +212,10 @@ impl Agent {
                 shared.identities.clone(),
                 proxy_metrics,
             ),
-            l7: crate::proxy::l7::L7::new(shared.metrics.registry())
-                .context("failed to register metrics")?,
+            l7: crate::proxy::l7::L7::new(
+                shared.metrics.registry(),
+                config.log.access_log.as_ref(),
+            )?,
             connections: TaskTracker::new(),
             cut: CancellationToken::new(),
             draining: CancellationToken::new(),

@@ -61,6 +61,7 @@ impl Agent {
         applied.log = crate::config::LogConfig {
             level: new.log.level,
             format: running.log.format,
+            access_log: running.log.access_log.clone(),
         };
 
         if let (true, Some(log)) = (changes.log_level, &self.log)

@@ -8,6 +8,7 @@ mod certs;
 mod gossip;
 mod policy;
 mod read;
+mod stat;
 mod table;
 
 use std::path::{Path, PathBuf};
@@ -107,6 +108,17 @@ pub enum Command {
         /// A request header, `NAME: VALUE`; repeat for several.
         #[arg(long = "header", requires = "method")]
         headers: Vec<String>,
+        #[command(flatten)]
+        read: ReadArgs,
+    },
+    /// Golden metrics per service across the mesh: success rate, requests per second and
+    /// p50/p95/p99 latency of the HTTP requests every agent served over `--interval`.
+    Stat {
+        /// Only this service (`NAME` or `NAMESPACE/NAME`).
+        service: Option<String>,
+        /// How long to measure (two samples this far apart), e.g. `5s`, `1m`.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        interval: std::time::Duration,
         #[command(flatten)]
         read: ReadArgs,
     },
@@ -314,6 +326,16 @@ pub fn run(cli: Cli) -> ExitCode {
                 headers,
             },
             *read,
+        ),
+        Command::Stat {
+            service,
+            interval,
+            read,
+        } => stat::run(
+            &admin_socket(&cli),
+            service.as_deref(),
+            *interval,
+            read.json,
         ),
         Command::Completions { shell } => {
             clap_complete::generate(*shell, &mut Cli::command(), "weft", &mut std::io::stdout());

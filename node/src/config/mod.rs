@@ -147,6 +147,17 @@ pub struct LogConfig {
     pub level: String,
     /// `text` or `json`.
     pub format: LogFormat,
+    /// Where HTTP access log lines (JSON) go; `None`: no access log.
+    pub access_log: Option<AccessLogTarget>,
+}
+
+/// Destination of the HTTP access log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessLogTarget {
+    /// Standard output (journald when run by systemd).
+    Stdout,
+    /// Appended to this file (created 0640).
+    File(PathBuf),
 }
 
 /// Log line format.
@@ -172,6 +183,18 @@ pub struct ServiceConfig {
     pub weight: u32,
     /// Local health check, if any.
     pub check: Option<CheckConfig>,
+    /// Requests per second this host's instance takes from the mesh (HTTP services; more
+    /// get 429), if limited.
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// A token-bucket request rate limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Sustained requests per second.
+    pub rps: u32,
+    /// Requests allowed at once above the rate.
+    pub burst: u32,
 }
 
 /// A local health check.
@@ -254,6 +277,9 @@ impl Config {
         }
         if self.log.format != new.log.format {
             need_restart.push("log.format");
+        }
+        if self.log.access_log != new.log.access_log {
+            need_restart.push("log.access_log");
         }
         if self.identity != new.identity {
             need_restart.push("identity");
@@ -455,6 +481,8 @@ struct RawLog {
     level: String,
     #[serde(default = "default_log_format")]
     format: LogFormat,
+    #[serde(default = "default_access_log")]
+    access_log: String,
 }
 
 impl Default for RawLog {
@@ -462,6 +490,7 @@ impl Default for RawLog {
         RawLog {
             level: default_log_level(),
             format: default_log_format(),
+            access_log: default_access_log(),
         }
     }
 }
@@ -480,6 +509,14 @@ struct RawService {
     #[serde(default = "default_weight")]
     weight: u32,
     check: Option<RawCheck>,
+    rate_limit: Option<RawRateLimit>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRateLimit {
+    rps: u32,
+    burst: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -544,6 +581,9 @@ fn default_log_level() -> String {
 }
 fn default_log_format() -> LogFormat {
     LogFormat::Text
+}
+fn default_access_log() -> String {
+    "off".into()
 }
 fn default_namespace() -> String {
     "default".into()
@@ -745,12 +785,35 @@ impl RawConfig {
                 .check
                 .map(|c| c.validate(&at("check"), source))
                 .transpose()?;
+            let rate_limit = match raw.rate_limit {
+                None => None,
+                Some(limit) => {
+                    if raw.protocol == Protocol::Tcp {
+                        return Err(source.error_at(
+                            at("rate_limit"),
+                            "limits HTTP requests; this service's protocol is tcp",
+                        ));
+                    }
+                    if limit.rps == 0 {
+                        return Err(source.error_at(at("rate_limit.rps"), "must be at least 1"));
+                    }
+                    let burst = limit.burst.unwrap_or(limit.rps);
+                    if burst == 0 {
+                        return Err(source.error_at(at("rate_limit.burst"), "must be at least 1"));
+                    }
+                    Some(RateLimit {
+                        rps: limit.rps,
+                        burst,
+                    })
+                }
+            };
             services.push(ServiceConfig {
                 key,
                 address: SocketAddr::new(raw.address, raw.port),
                 protocol: raw.protocol,
                 weight: raw.weight,
                 check,
+                rate_limit,
             });
         }
 
@@ -795,6 +858,17 @@ impl RawConfig {
                 from,
             });
         }
+        let access_log = match self.log.access_log.as_str() {
+            "off" | "" => None,
+            "stdout" => Some(AccessLogTarget::Stdout),
+            path if path.starts_with('/') => Some(AccessLogTarget::File(PathBuf::from(path))),
+            other => {
+                return Err(source.error_at(
+                    KeyPath::parse("log.access_log"),
+                    format!("{other:?} is not \"off\", \"stdout\" or an absolute file path"),
+                ));
+            }
+        };
         let http_proxy = match self.outbound.http_proxy.as_str() {
             "off" | "" => None,
             text => Some(text.parse::<SocketAddr>().map_err(|_| {
@@ -842,6 +916,7 @@ impl RawConfig {
             log: LogConfig {
                 level: self.log.level,
                 format: self.log.format,
+                access_log,
             },
             identity: IdentityConfig {
                 trust_bundle: self.identity.trust_bundle,

@@ -238,3 +238,46 @@ fn reload_separates_live_changes_from_restart_changes() {
     assert_eq!(changes.need_restart, vec!["gossip"]);
     assert_eq!(old.reload_changes(&old), ReloadChanges::default());
 }
+
+#[test]
+fn rate_limits_apply_to_http_services_with_burst_defaulting_to_the_rate() {
+    let text = format!(
+        "{GOOD}\n[[service]]\nname = \"web\"\nport = 8081\nprotocol = \"http\"\nrate_limit = {{ rps = 50 }}\n"
+    );
+    let config = parse(&text).expect("valid");
+    let web = config
+        .services
+        .iter()
+        .find(|s| s.key.name == "web")
+        .unwrap();
+    assert_eq!(web.rate_limit, Some(RateLimit { rps: 50, burst: 50 }));
+    let tcp =
+        format!("{GOOD}\n[[service]]\nname = \"q\"\nport = 8082\nrate_limit = {{ rps = 5 }}\n");
+    let msg = error(&tcp);
+    assert!(msg.contains("service[2].rate_limit: "), "{msg}");
+    assert!(msg.contains("this service's protocol is tcp"), "{msg}");
+    let zero = format!(
+        "{GOOD}\n[[service]]\nname = \"z\"\nport = 8083\nprotocol = \"http\"\nrate_limit = {{ rps = 0 }}\n"
+    );
+    assert!(error(&zero).contains("service[2].rate_limit.rps: must be at least 1"));
+}
+
+#[test]
+fn the_access_log_is_off_stdout_or_an_absolute_path() {
+    let with = |value: &str| format!("{GOOD}\n[log]\naccess_log = \"{value}\"\n");
+    assert_eq!(parse(GOOD).unwrap().log.access_log, None);
+    assert_eq!(
+        parse(&with("stdout")).unwrap().log.access_log,
+        Some(AccessLogTarget::Stdout)
+    );
+    assert_eq!(
+        parse(&with("/var/log/weft/access.log"))
+            .unwrap()
+            .log
+            .access_log,
+        Some(AccessLogTarget::File("/var/log/weft/access.log".into()))
+    );
+    let msg = error(&with("access.log"));
+    assert!(msg.contains("log.access_log: "), "{msg}");
+    assert!(msg.contains("absolute file path"), "{msg}");
+}

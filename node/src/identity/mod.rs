@@ -261,6 +261,8 @@ impl IdentityContext {
                     .set(crate::proxy::tunnel::ALPN_TUNNEL, node.key.clone());
                 self.resolver
                     .set(crate::agent::policy_sync::ALPN_POLICY, node.key.clone());
+                self.resolver
+                    .set(crate::agent::stats::ALPN_STATS, node.key.clone());
                 self.publish(|ids| ids.node = Some(node.clone()));
                 node
             }

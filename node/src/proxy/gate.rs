@@ -4,9 +4,9 @@
 //! an `http`/`http2`/`grpc` service, the receiving agent speaks HTTP on the tunnel stream
 //! (HTTP/1.1 for `http`, HTTP/2 for `http2` and `grpc`) instead of passing bytes through:
 //! each request is decided on its own; a denied request is answered `403 Forbidden` with a
-//! `weft-deny-reason` header (the reason label, as in `weft_authz_decisions_total`), an
-//! allowed one is sent to the service over one local connection, and the response streams
-//! back. The calling app sees an ordinary HTTP exchange either way.
+//! `weft-deny-reason` header (the reason label, as in `weft_authz_decisions_total`), one over
+//! the service's rate limit `429` with `weft-error: rate_limited`, an allowed one is sent to
+//! the service, and the response streams back. The calling app sees an ordinary HTTP exchange either way.
 
 use std::borrow::Cow;
 use std::convert::Infallible;
@@ -26,9 +26,11 @@ use tracing::debug;
 use weft_ca::SpiffeId;
 use weft_discovery::{Protocol, ServiceKey};
 
-use super::l7::L7Body;
+use super::l7::access_log::{self, AccessEntry};
+use super::l7::{L7Body, over_limit};
 use super::metered::Metered;
 use super::{Direction, ProxyContext};
+use crate::config::RateLimit;
 use crate::policy::engine::{Decision, HttpRequest, Request as Question};
 use crate::policy::matcher::normalize_path;
 
@@ -47,6 +49,8 @@ pub struct Gate {
     pub port: u16,
     /// Its protocol: HTTP/1.1, or HTTP/2 for `http2` and `grpc`.
     pub protocol: Protocol,
+    /// Its rate limit here, if any.
+    pub rate_limit: Option<RateLimit>,
 }
 
 /// How a gated stream reaches the service.
@@ -138,15 +142,31 @@ async fn handle(
     request: Request<Incoming>,
 ) -> Response<L7Body> {
     let started = Instant::now();
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    let trace = request.headers().get("traceparent").cloned();
     let response = decide_and_forward(context, gate, upstream, request).await;
+    let took = started.elapsed();
+    let destination = gate.destination.to_string();
     context.l7.metrics.request(
         Direction::Inbound,
         &gate.source_label,
-        &gate.destination.to_string(),
+        &destination,
         "-",
         response.status(),
-        started.elapsed(),
+        took,
     );
+    context.l7.access_log.record(&AccessEntry {
+        direction: "inbound",
+        source: &gate.source_label,
+        destination: &destination,
+        route: "-",
+        method: method.as_str(),
+        path: &path,
+        status: response.status().as_u16(),
+        duration_ms: took.as_secs_f64() * 1e3,
+        trace_id: access_log::trace_id(trace.as_ref()),
+    });
     response
 }
 
@@ -175,6 +195,9 @@ async fn decide_and_forward(
             &gate.destination,
             &decision,
         );
+    }
+    if let Some(limited) = over_limit(context, &gate.destination, gate.rate_limit) {
+        return limited;
     }
     let (mut parts, body) = request.into_parts();
     // The service sees the path policy decided on (`/a/../b` is `/b`), so that what was

@@ -121,6 +121,7 @@ async fn stream(
             destination: header.destination.clone(),
             port,
             protocol: service.protocol,
+            rate_limit: service.rate_limit,
         };
         let carry =
             match (header.kind, service.protocol) {

@@ -130,6 +130,9 @@ fn local_shortcut_allowed(
     let Some(local) = config.services.iter().find(|s| &s.key == service) else {
         return false;
     };
+    if local.rate_limit.is_some() {
+        return false; // requests are counted one by one at the gate
+    }
     let Some(id) = super::local_identity(context, source) else {
         return false;
     };

@@ -1,5 +1,6 @@
 //! Golden metrics of HTTP requests: totals by status class and latency histograms per
-//! direction, source, destination and route, plus retries and outlier ejections. Labels are
+//! direction, source, destination and route, plus retries, outlier ejections and requests
+//! refused by rate limits. Labels are
 //! bounded: service names, route names from policy, status classes.
 
 use std::time::Duration;
@@ -15,6 +16,7 @@ pub struct HttpMetrics {
     duration: HistogramVec,
     retries: IntCounterVec,
     ejections: IntCounterVec,
+    rate_limited: IntCounterVec,
 }
 
 /// Latency buckets, seconds: 0.5 ms to 10 s.
@@ -54,6 +56,14 @@ impl HttpMetrics {
             ),
             &["destination"],
         )?;
+        let rate_limited = IntCounterVec::new(
+            Opts::new(
+                "weft_http_rate_limited_total",
+                "HTTP requests answered 429 by a local service's rate limit, by destination.",
+            ),
+            &["destination"],
+        )?;
+        registry.register(Box::new(rate_limited.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(retries.clone()))?;
@@ -63,6 +73,7 @@ impl HttpMetrics {
             duration,
             retries,
             ejections,
+            rate_limited,
         })
     }
 
@@ -95,6 +106,11 @@ impl HttpMetrics {
     /// Counts one retry.
     pub fn retry(&self, destination: &str, reason: &str) {
         self.retries.with_label_values(&[destination, reason]).inc();
+    }
+
+    /// Counts one request refused by a rate limit.
+    pub fn rate_limited(&self, destination: &str) {
+        self.rate_limited.with_label_values(&[destination]).inc();
     }
 
     /// Counts one ejection.

@@ -16,9 +16,11 @@
 //! - Telemetry: golden metrics per source, destination and status class, and W3C
 //!   `traceparent` kept or started, and passed on.
 
+pub mod access_log;
 pub mod balance;
 pub mod metrics;
 pub mod pool;
+pub mod ratelimit;
 pub mod retry;
 pub mod split;
 
@@ -40,9 +42,11 @@ use tokio::net::TcpStream;
 use tracing::{debug, warn};
 use weft_discovery::{Endpoint, Protocol, ServiceKey};
 
+use self::access_log::{AccessEntry, AccessLog};
 use self::balance::{Balancer, Ejection, Outcome};
 use self::metrics::HttpMetrics;
 use self::pool::{ClientPool, SendError};
+use self::ratelimit::RateLimiter;
 use self::retry::{CONNECT_RETRIES, RetryBudget, RouteRules};
 use super::ProxyContext;
 use super::http::ERROR_HEADER;
@@ -62,17 +66,26 @@ pub struct L7 {
     pub clients: ClientPool,
     /// Retry budgets per destination.
     budgets: Mutex<HashMap<ServiceKey, Arc<RetryBudget>>>,
+    /// Rate limits of this host's services.
+    pub limiter: RateLimiter,
+    /// The access log (off unless configured).
+    pub access_log: AccessLog,
     /// Golden metrics.
     pub metrics: HttpMetrics,
 }
 
 impl L7 {
-    /// Registers the HTTP metrics.
-    pub fn new(registry: &prometheus::Registry) -> prometheus::Result<L7> {
+    /// Registers the HTTP metrics and opens the access log, if configured.
+    pub fn new(
+        registry: &prometheus::Registry,
+        access_log: Option<&crate::config::AccessLogTarget>,
+    ) -> anyhow::Result<L7> {
         Ok(L7 {
+            access_log: AccessLog::start(access_log, registry)?,
             balancer: Balancer::default(),
             clients: ClientPool::default(),
             budgets: Mutex::new(HashMap::new()),
+            limiter: RateLimiter::default(),
             metrics: HttpMetrics::new(registry)?,
         })
     }
@@ -232,9 +245,9 @@ pub async fn handle(
             .clone();
         tried.insert(endpoint.tunnel_addr);
         if endpoint.is_local
-            && let Some(denied) = local_denial(context, &destination, source, &parts)
+            && let Some(refused) = local_refusal(context, &destination, source, &parts)
         {
-            break denied;
+            break refused;
         }
         let mut attempt = Request::builder()
             .method(parts.method.clone())
@@ -338,34 +351,40 @@ pub async fn handle(
             }
         }
     };
+    let took = started.elapsed();
     context.l7.metrics.request(
         super::Direction::Outbound,
         &source_label,
         &destination_label,
         &route,
         response.status(),
-        started.elapsed(),
+        took,
     );
+    context.l7.access_log.record(&AccessEntry {
+        direction: "outbound",
+        source: &source_label,
+        destination: &destination_label,
+        route: &route,
+        method: parts.method.as_str(),
+        path: parts.uri.path(),
+        status: response.status().as_u16(),
+        duration_ms: took.as_secs_f64() * 1e3,
+        trace_id: access_log::trace_id(parts.headers.get("traceparent")),
+    });
     response
 }
 
-/// The 403 for a request to a service on this host that policy denies (a peer's agent would
-/// answer it for a remote endpoint).
-fn local_denial(
+/// The 403 or 429 for a request to a service on this host that policy denies or its rate
+/// limit refuses (a peer's agent would answer it for a remote endpoint).
+fn local_refusal(
     context: &ProxyContext,
     destination: &ServiceKey,
     source: Option<&ServiceKey>,
     parts: &hyper::http::request::Parts,
 ) -> Option<Response<L7Body>> {
-    let port = context
-        .shared
-        .config
-        .load()
-        .services
-        .iter()
-        .find(|s| &s.key == destination)?
-        .address
-        .port();
+    let config = context.shared.config.load();
+    let local = config.services.iter().find(|s| &s.key == destination)?;
+    let port = local.address.port();
     let id = super::local_identity(context, source)?;
     let decision = context
         .shared
@@ -380,9 +399,41 @@ fn local_denial(
                 headers: &parts.headers,
             }),
         });
-    (!decision.allowed).then(|| {
-        super::gate::forbidden(&id, &parts.method, parts.uri.path(), destination, &decision)
-    })
+    if !decision.allowed {
+        return Some(super::gate::forbidden(
+            &id,
+            &parts.method,
+            parts.uri.path(),
+            destination,
+            &decision,
+        ));
+    }
+    over_limit(context, destination, local.rate_limit)
+}
+
+/// The 429 for a request over `service`'s rate limit, counted.
+pub fn over_limit(
+    context: &ProxyContext,
+    service: &ServiceKey,
+    limit: Option<crate::config::RateLimit>,
+) -> Option<Response<L7Body>> {
+    let limit = limit?;
+    if context.l7.limiter.admit(service, limit) {
+        return None;
+    }
+    context.l7.metrics.rate_limited(&service.to_string());
+    let mut response = mesh_error(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+        format!(
+            "weft: {service} takes at most {} requests a second here",
+            limit.rps
+        ),
+    );
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    Some(response)
 }
 
 /// Whether the request's body is known to be small enough to keep (no body, or a
