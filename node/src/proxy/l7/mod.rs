@@ -192,9 +192,13 @@ pub async fn handle(
     {
         parts.headers.insert(header::HOST, host);
     }
-    // A body known to be small is kept, so that the request can be sent again; others are
-    // streamed once, and their requests are not retried once sent.
-    let (replay, mut stream_once) = if is_small(&parts.headers) {
+    // A body known to be small is kept, so that the request can be sent again; others
+    // (larger, or of unknown length such as gRPC streams) are streamed once, and their
+    // requests are not retried once sent.
+    let small = hyper::body::Body::size_hint(&body)
+        .exact()
+        .is_some_and(|length| length <= MAX_REPLAY_BODY as u64);
+    let (replay, mut stream_once) = if small {
         match Limited::new(body, MAX_REPLAY_BODY).collect().await {
             Ok(collected) => (Some(collected.to_bytes()), None),
             Err(e) => {
@@ -434,19 +438,6 @@ pub fn over_limit(
         .headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     Some(response)
-}
-
-/// Whether the request's body is known to be small enough to keep (no body, or a
-/// `content-length` within [`MAX_REPLAY_BODY`]).
-fn is_small(headers: &hyper::HeaderMap) -> bool {
-    match headers.get(header::CONTENT_LENGTH) {
-        Some(length) => length
-            .to_str()
-            .ok()
-            .and_then(|l| l.parse::<usize>().ok())
-            .is_some_and(|l| l <= MAX_REPLAY_BODY),
-        None => !headers.contains_key(header::TRANSFER_ENCODING),
-    }
 }
 
 fn empty() -> L7Body {
