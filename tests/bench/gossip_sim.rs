@@ -34,38 +34,24 @@
 //!
 //! Run with `cargo bench -p weft-tests --bench gossip_sim`.
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use async_trait::async_trait;
 use chitchat::transport::{ChannelTransport, RecvOutcome, SendOutcome, Socket, Transport};
-use chitchat::{
-    Chitchat, ChitchatConfig, ChitchatEnvelope, ChitchatHandle, ChitchatId, ChitchatMessage,
-    FailureDetectorConfig, NodeState, ProtocolVersion, Serializable, spawn_chitchat,
-};
-use tokio::sync::{Mutex, watch};
+use chitchat::{Chitchat, ChitchatEnvelope, ChitchatId, ChitchatMessage, Serializable};
 use tokio::time::Instant;
+use weft_tests::gossip_sim::{
+    AGENT_INTERVAL, CLUSTER_ID, Clock, GOSSIP_PORT, MAX_PAYLOAD, SEEDS, SimNode, SplitMix,
+    WALL_BOUND, mem_available_gib, pool_memory_gib, release_memory, runtime, sim_addr, sim_name,
+    spawn_nodes, stop_all, unix_ms,
+};
 
-/// Largest UDP payload over IPv4; chitchat's limit for one gossip message.
-const MAX_PAYLOAD: usize = 65_507;
-/// Cluster id used by every simulated node (the agent uses its trust domain).
-const CLUSTER_ID: &str = "weft.example";
-/// Gossip port every simulated node advertises.
-const GOSSIP_PORT: u16 = 7946;
-/// Seed nodes an operator would list.
-const SEEDS: usize = 3;
-/// The agent's default gossip interval (`gossip.interval`).
-const AGENT_INTERVAL: Duration = Duration::from_millis(500);
-/// The agent's default dead-node grace period (`gossip.dead_grace`).
-const DEAD_GRACE: Duration = Duration::from_secs(3600);
-/// Wall-clock bound on each waiting phase, whatever the clock.
-const WALL_BOUND: Duration = Duration::from_secs(180);
 /// Key the propagation phase publishes.
 const PROBE_KEY: &str = "bench:probe";
 /// chitchat's compressed-stream block size for digests (`DIGEST_BLOCK_THRESHOLD`).
@@ -111,9 +97,8 @@ fn main() -> anyhow::Result<()> {
     let mut results = Vec::new();
     let mut skipped = Vec::new();
     for (n, clock) in runs {
-        // Every member holds the whole cluster (about 12 KiB per peer, mostly the failure
-        // detector's sample window), so the simulation needs memory in N².
-        let need_gib = (n * n) as f64 * 13.0 / 1024.0 / 1024.0;
+        // Every member holds the whole cluster, so the simulation needs memory in N².
+        let need_gib = pool_memory_gib(n);
         let available_gib = mem_available_gib();
         if need_gib > available_gib {
             let why = format!(
@@ -169,31 +154,6 @@ fn main() -> anyhow::Result<()> {
     }
     eprintln!("gossip_sim: total {:.1} s", elapsed.as_secs_f64());
     Ok(())
-}
-
-/// Which clock the gossip loops run on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Clock {
-    /// tokio's paused clock on one thread: time stands still while any task can run and jumps
-    /// to the next timer when all are idle, so handling a message takes no simulated time and
-    /// the results show the protocol at its configured interval whatever this machine's CPU.
-    Simulated,
-    /// The wall clock on a multi-threaded runtime: processing time and CPU contention count.
-    Real,
-}
-
-/// A fresh runtime for one run (a fresh clock, and every task dropped with it).
-fn runtime(clock: Clock) -> anyhow::Result<tokio::runtime::Runtime> {
-    match clock {
-        Clock::Simulated => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .start_paused(true)
-            .build(),
-        Clock::Real => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build(),
-    }
-    .context("building the tokio runtime")
 }
 
 /// Cluster sizes from `WEFT_SIM_SIZES`, or the default 100, 300, 1000.
@@ -408,130 +368,6 @@ impl Socket for MeteredSocket {
     }
 }
 
-/// One simulated member.
-struct SimNode {
-    id: ChitchatId,
-    handle: Option<ChitchatHandle>,
-    chitchat: Arc<Mutex<Chitchat>>,
-    live: watch::Receiver<BTreeMap<ChitchatId, NodeState>>,
-}
-
-/// The gossip address of simulated node `i`: one host per address, as in a real fleet.
-fn sim_addr(i: usize) -> SocketAddr {
-    let i = i as u32 + 1;
-    SocketAddr::new(
-        IpAddr::V4(Ipv4Addr::new(10, (i >> 16) as u8, (i >> 8) as u8, i as u8)),
-        GOSSIP_PORT,
-    )
-}
-
-/// The name of simulated node `i`, as an operator would name hosts.
-fn sim_name(i: usize) -> String {
-    format!("node-{:04}", i + 1)
-}
-
-/// Agent-like initial keys: node record, lifecycle state, keyring fingerprints, one service.
-fn agent_keys(name: &str, addr: SocketAddr, started_at: u64) -> Vec<(String, String)> {
-    let tunnel = SocketAddr::new(addr.ip(), 7947);
-    vec![
-        (
-            "node".to_string(),
-            format!(
-                r#"{{"name":"{name}","gossip_addr":"{addr}","tunnel_addr":"{tunnel}","labels":{{"zone":"z1"}},"roles":[],"version":"0.1.0","policy_version":0,"started_at":{started_at}}}"#
-            ),
-        ),
-        ("state".to_string(), "alive".to_string()),
-        ("keyring".to_string(), "3f9a1c2b4d5e6f70".to_string()),
-        (
-            "svc:default/web".to_string(),
-            r#"{"port":8080,"protocol":"http","health":"passing","weight":1}"#.to_string(),
-        ),
-    ]
-}
-
-/// The agent's chitchat configuration for one node.
-fn agent_config(id: ChitchatId, seeds: &[String], interval: Duration) -> ChitchatConfig {
-    ChitchatConfig {
-        listen_addr: id.gossip_advertise_addr,
-        chitchat_id: id,
-        cluster_id: CLUSTER_ID.to_string(),
-        gossip_interval: interval,
-        seed_nodes: seeds.to_vec(),
-        failure_detector_config: FailureDetectorConfig {
-            initial_interval: interval,
-            dead_node_grace_period: DEAD_GRACE,
-            ..FailureDetectorConfig::default()
-        },
-        marked_for_deletion_grace_period: DEAD_GRACE,
-        catchup_callback: None,
-        extra_liveness_predicate: None,
-        protocol_version: ProtocolVersion::V1,
-    }
-}
-
-/// Starts `names.len()` nodes on `transport`, the first [`SEEDS`] being the seeds, at random
-/// moments within one gossip interval so that their rounds are out of phase, as on real hosts.
-async fn spawn_nodes(
-    transport: &MeteredTransport,
-    names: &[String],
-    interval: Duration,
-) -> anyhow::Result<Vec<SimNode>> {
-    let generation = unix_ms();
-    let seeds: Vec<String> = (0..SEEDS.min(names.len()))
-        .map(|i| sim_addr(i).to_string())
-        .collect();
-    let mut rng = SplitMix(names.len() as u64);
-    let span = interval.as_micros().max(1) as u64;
-    let mut offsets: Vec<Duration> = (0..names.len())
-        .map(|_| Duration::from_micros(rng.below(span)))
-        .collect();
-    offsets.sort();
-    let start = Instant::now();
-    let mut nodes = Vec::with_capacity(names.len());
-    for (i, name) in names.iter().enumerate() {
-        tokio::time::sleep_until(start + offsets[i]).await;
-        let addr = sim_addr(i);
-        let id = ChitchatId::new(name.clone(), generation, addr);
-        let keys = agent_keys(name, addr, generation / 1000);
-        let handle = spawn_chitchat(agent_config(id.clone(), &seeds, interval), keys, transport)
-            .await
-            .with_context(|| format!("starting simulated node {name}"))?;
-        let chitchat = handle.chitchat();
-        let live = chitchat.lock().await.live_nodes_watcher();
-        nodes.push(SimNode {
-            id,
-            handle: Some(handle),
-            chitchat,
-            live,
-        });
-    }
-    Ok(nodes)
-}
-
-/// Stops every node still running and waits for their gossip loops to end; returns how many
-/// loops had already ended with an error (a panic, in practice).
-async fn stop_all(nodes: &mut [SimNode]) -> usize {
-    for node in nodes.iter() {
-        if let Some(handle) = &node.handle {
-            let _ = handle.initiate_shutdown();
-        }
-    }
-    let mut failed = 0;
-    let mut first_error = None;
-    for node in nodes.iter_mut() {
-        if let Some(handle) = node.handle.take()
-            && let Err(error) = handle.shutdown().await
-        {
-            failed += 1;
-            first_error.get_or_insert_with(|| error.to_string());
-        }
-    }
-    if let Some(error) = first_error {
-        eprintln!("gossip_sim: {failed} gossip loops had ended with an error, first: {error}");
-    }
-    failed
-}
-
 /// Runs the timed phases for one cluster size.
 async fn simulate(n: usize, interval: Duration, clock: Clock) -> anyhow::Result<SimResult> {
     let meter = Arc::new(Meter::default());
@@ -548,7 +384,7 @@ async fn simulate(n: usize, interval: Duration, clock: Clock) -> anyhow::Result<
     // 1. Startup convergence, timed from the first spawn.
     let start = Instant::now();
     let wall = std::time::Instant::now();
-    let mut nodes = spawn_nodes(&transport, &names, interval).await?;
+    let mut nodes = spawn_nodes(&transport, &names, interval, &[]).await?;
     let mut progress = Progress::new((0..n).collect(), start);
     loop {
         let now = Instant::now();
@@ -656,7 +492,7 @@ async fn simulate(n: usize, interval: Duration, clock: Clock) -> anyhow::Result<
     let propagate = propagation.finish();
     let detect = detection.finish();
 
-    let crashed_loops = stop_all(&mut nodes).await;
+    let crashed_loops = stop_all(&mut nodes, "gossip_sim").await;
     drop(nodes);
     Ok(SimResult {
         n,
@@ -764,8 +600,8 @@ impl Names {
         match self {
             Names::Numbered => sim_name(i),
             Names::Uuid => {
-                let hi = rng.next();
-                let lo = rng.next();
+                let hi = rng.next_u64();
+                let lo = rng.next_u64();
                 format!(
                     "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
                     hi >> 32,
@@ -798,7 +634,7 @@ fn synthetic_entries(m: usize, names: Names, age: Age, heartbeat_per_s: f64) -> 
             let (uptime_ms, addr, max_version, last_gc) = match age {
                 Age::Fresh => (60_000 + rng.below(2_000), sim_addr(i), 4, 0),
                 Age::Month => {
-                    let octets = rng.next().to_le_bytes();
+                    let octets = rng.next_u64().to_le_bytes();
                     let addr = SocketAddr::new(
                         IpAddr::V4(Ipv4Addr::new(10, octets[0], octets[1], octets[2])),
                         GOSSIP_PORT,
@@ -958,7 +794,7 @@ async fn stall_demo() -> anyhow::Result<StallResult> {
         meter: meter.clone(),
     };
     let start = Instant::now();
-    let mut nodes = spawn_nodes(&transport, &names, interval).await?;
+    let mut nodes = spawn_nodes(&transport, &names, interval, &[]).await?;
     let observe = Duration::from_secs(24);
     let mut peak_view = 0;
     let mut peak_at = Duration::ZERO;
@@ -994,7 +830,7 @@ async fn stall_demo() -> anyhow::Result<StallResult> {
         .max()
         .unwrap_or(0);
     let observed = start.elapsed();
-    let dead_loops = stop_all(&mut nodes).await;
+    let dead_loops = stop_all(&mut nodes, "gossip_sim").await;
     std::panic::set_hook(previous_hook);
     Ok(StallResult {
         n: N,
@@ -1012,32 +848,6 @@ async fn stall_demo() -> anyhow::Result<StallResult> {
         msgs_per_s_end,
         max_syn: meter.max_syn.load(Ordering::Relaxed),
     })
-}
-
-/// A small deterministic PRNG (SplitMix64), so model runs are reproducible.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform-enough value in `0..bound` (`bound` > 0).
-    fn below(&mut self, bound: u64) -> u64 {
-        self.next() % bound.max(1)
-    }
-}
-
-/// Milliseconds since the Unix epoch, like the agent's generation id.
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or_default()
 }
 
 /// User plus system CPU time of this process, from `/proc/self/stat`.
@@ -1061,28 +871,6 @@ fn cpu_seconds() -> anyhow::Result<f64> {
     // SAFETY: sysconf only reads a configuration value.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     Ok(total / if hz > 0 { hz as f64 } else { 100.0 })
-}
-
-/// Hands memory freed by the last run back to the system, so that the next run's RSS growth
-/// is its own and the machine gets its memory back.
-fn release_memory() {
-    // SAFETY: malloc_trim only releases free heap memory; it has no preconditions.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
-/// `MemAvailable` from `/proc/meminfo`, in GiB (0 when unreadable).
-fn mem_available_gib() -> f64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find_map(|line| line.strip_prefix("MemAvailable:"))
-                .and_then(|v| v.split_whitespace().next())
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0 / 1024.0)
 }
 
 /// Current and peak resident set size in MiB, from `/proc/self/status`.

@@ -1,5 +1,7 @@
-//! Weft integration-test support: multi-agent tests, the network-namespace lab ([`lab`]) and benchmarks.
+//! Weft integration-test support: multi-agent tests, the network-namespace lab ([`lab`]) and benchmarks
+//! (report writing in [`bench_report`], the shared in-process gossip simulation in [`gossip_sim`]).
 
 pub mod agent;
 pub mod bench_report;
+pub mod gossip_sim;
 pub mod lab;
