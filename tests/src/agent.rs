@@ -500,7 +500,16 @@ pub fn wait_until(timeout: Duration, mut check: impl FnMut() -> bool) -> Option<
 }
 
 /// Services every test join token allows.
-pub const TOKEN_SCOPE: &[&str] = &["default/api", "default/orders", "default/web", "default/db"];
+pub const TOKEN_SCOPE: &[&str] = &[
+    "default/api",
+    "default/orders",
+    "default/web",
+    "default/db",
+    // The L7 tests' split backends and gRPC service.
+    "default/web-v1",
+    "default/web-v2",
+    "default/greeter",
+];
 
 /// A group of agents sharing one temp dir and keyring.
 pub struct Cluster {

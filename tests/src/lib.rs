@@ -4,4 +4,5 @@
 pub mod agent;
 pub mod bench_report;
 pub mod gossip_sim;
+pub mod http_backend;
 pub mod lab;

@@ -273,7 +273,7 @@ pub async fn handle(
         };
         let attempt_started = Instant::now();
         context.l7.balancer.start(endpoint.tunnel_addr);
-        let sent = context
+        let (sent, setup) = context
             .l7
             .clients
             .send(
@@ -285,7 +285,8 @@ pub async fn handle(
                 try_timeout,
             )
             .await;
-        let latency = attempt_started.elapsed();
+        // The endpoint's latency, not the setup of a new connection to it.
+        let latency = attempt_started.elapsed().saturating_sub(setup);
         let outcome = match &sent {
             Ok(response) if response.status().is_server_error() => Outcome::Failure,
             Ok(_) => Outcome::Success,

@@ -58,7 +58,9 @@ impl Default for ClientPool {
 }
 
 impl ClientPool {
-    /// Sends `request` for `destination` to `endpoint`, within `timeout`.
+    /// Sends `request` for `destination` to `endpoint`, within `timeout`. Also returns the
+    /// time spent opening a new tunnel stream and HTTP/2 connection, if one was needed, so that
+    /// latency estimates measure the endpoint and not connection setup.
     pub async fn send(
         &self,
         context: &ProxyContext,
@@ -67,7 +69,8 @@ impl ClientPool {
         source: Option<&ServiceKey>,
         request: Request<L7Body>,
         timeout: Option<Duration>,
-    ) -> Result<Response<Incoming>, SendError> {
+    ) -> (Result<Response<Incoming>, SendError>, Duration) {
+        let setup = std::sync::Mutex::new(Duration::ZERO);
         let exchange = async {
             if endpoint.is_local {
                 let local = context
@@ -85,15 +88,24 @@ impl ClientPool {
                 };
                 return self.send_local(address, protocol, request).await;
             }
-            self.send_remote(context, endpoint.tunnel_addr, destination, source, request)
-                .await
+            self.send_remote(
+                context,
+                endpoint.tunnel_addr,
+                destination,
+                source,
+                request,
+                &setup,
+            )
+            .await
         };
-        match timeout {
+        let result = match timeout {
             Some(limit) => tokio::time::timeout(limit, exchange)
                 .await
                 .unwrap_or(Err(SendError::Timeout(limit))),
             None => exchange.await,
-        }
+        };
+        let setup = *setup.lock().expect("setup lock is never poisoned");
+        (result, setup)
     }
 
     /// Sends to a service on this host.
@@ -138,6 +150,7 @@ impl ClientPool {
         destination: &ServiceKey,
         source: Option<&ServiceKey>,
         mut request: Request<L7Body>,
+        setup: &std::sync::Mutex<Duration>,
     ) -> Result<Response<Incoming>, SendError> {
         let key: PoolKey = (addr, destination.clone(), source.cloned());
         let pooled = self
@@ -150,7 +163,10 @@ impl ClientPool {
         let mut sender = match pooled {
             Some(sender) => sender,
             None => {
-                let sender = connect(context, &key).await.map_err(SendError::NotSent)?;
+                let started = std::time::Instant::now();
+                let sender = connect(context, &key).await.map_err(SendError::NotSent);
+                *setup.lock().expect("setup lock is never poisoned") = started.elapsed();
+                let sender = sender?;
                 self.remote
                     .lock()
                     .expect("client pool lock is never poisoned")
