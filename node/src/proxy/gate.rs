@@ -14,10 +14,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode, Uri};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
@@ -27,7 +25,7 @@ use weft_ca::SpiffeId;
 use weft_discovery::{Protocol, ServiceKey};
 
 use super::l7::access_log::{self, AccessEntry};
-use super::l7::{L7Body, over_limit};
+use super::l7::{L7Body, over_limit, text_response};
 use super::metered::Metered;
 use super::{Direction, ProxyContext};
 use crate::config::RateLimit;
@@ -259,19 +257,9 @@ pub fn forbidden(
 }
 
 fn text(status: StatusCode, deny_reason: Option<&'static str>, body: String) -> Response<L7Body> {
-    let mut response = Response::new(
-        Full::new(Bytes::from(body))
-            .map_err(|never| match never {})
-            .boxed(),
-    );
-    *response.status_mut() = status;
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    if let Some(reason) = deny_reason {
-        headers.insert(DENY_REASON_HEADER, HeaderValue::from_static(reason));
-    }
-    response
+    text_response(
+        status,
+        deny_reason.map(|reason| (DENY_REASON_HEADER, reason)),
+        body,
+    )
 }

@@ -423,19 +423,7 @@ fn empty() -> ProxyBody {
 }
 
 fn text(status: StatusCode, reason: &'static str, body: String) -> Response<ProxyBody> {
-    let mut response = Response::new(
-        Full::new(Bytes::from(body))
-            .map_err(|never| match never {})
-            .boxed(),
-    );
-    *response.status_mut() = status;
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    headers.insert(ERROR_HEADER, HeaderValue::from_static(reason));
-    response
+    l7::text_response(status, Some((ERROR_HEADER, reason)), body)
 }
 
 /// 400 for a request that names no mesh service, with the forms that do.

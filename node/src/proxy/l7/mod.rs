@@ -497,8 +497,18 @@ fn hex(bytes: &[u8]) -> String {
 
 /// An answer made by the mesh, naming the reason in [`ERROR_HEADER`].
 pub fn mesh_error(status: StatusCode, reason: &'static str, body: String) -> Response<L7Body> {
+    text_response(status, Some((ERROR_HEADER, reason)), body + "\n")
+}
+
+/// A plain-text answer made by the agent, with one header naming why (`weft-error`,
+/// `weft-deny-reason`) when given.
+pub fn text_response(
+    status: StatusCode,
+    why: Option<(&'static str, &'static str)>,
+    body: String,
+) -> Response<L7Body> {
     let mut response = Response::new(
-        Full::new(Bytes::from(body + "\n"))
+        Full::new(Bytes::from(body))
             .map_err(|never| match never {})
             .boxed(),
     );
@@ -508,7 +518,9 @@ pub fn mesh_error(status: StatusCode, reason: &'static str, body: String) -> Res
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
-    headers.insert(ERROR_HEADER, HeaderValue::from_static(reason));
+    if let Some((name, value)) = why {
+        headers.insert(name, HeaderValue::from_static(value));
+    }
     response
 }
 
