@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod bench_report;
+pub mod faults;
 pub mod gossip_sim;
 pub mod http_backend;
 pub mod lab;

@@ -1,8 +1,10 @@
 //! Endpoint choice for HTTP requests: power of two choices over peak-EWMA latency (as Linkerd
 //! and Finagle do), preferring this node's zone, with outlier ejection.
 //!
-//! Each endpoint keeps a latency estimate that jumps up to any slower sample at once and decays
-//! towards faster ones with a 10-second time constant, and a count of requests in flight. The
+//! Each endpoint keeps a latency estimate of its successful answers that jumps up to any slower
+//! sample at once and decays towards faster ones with a 10-second time constant, and a count
+//! of requests in flight. Failures do not feed the estimate (a dead host's timeouts would keep
+//! it shunned long after it recovers); they count towards ejection instead. The
 //! cost of an endpoint is `estimate × (in flight + 1)`; of two endpoints drawn at random, the
 //! cheaper one is used. An endpoint that fails [`EJECT_AFTER`] requests in a row (connect
 //! errors and 5xx answers) is left out for [`EJECTION_BASE`], doubling on each ejection up to
@@ -58,6 +60,21 @@ impl Stats {
         let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
         let floor = INITIAL_ESTIMATE.as_nanos() as f64 / 10.0;
         floor + (self.estimate_ns - floor) * (-elapsed / DECAY.as_secs_f64()).exp()
+    }
+
+    /// Takes a latency sample. Peak: a slower one is taken at once; faster ones pull the
+    /// estimate down slowly.
+    fn observe(&mut self, latency: Duration, now: Instant) {
+        let sample = latency.as_nanos() as f64;
+        let decayed = self.decayed(now);
+        self.estimate_ns = if sample > decayed {
+            sample
+        } else {
+            let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
+            let weight = (-elapsed / DECAY.as_secs_f64()).exp();
+            decayed * weight + sample * (1.0 - weight)
+        };
+        self.updated = now;
     }
 
     fn ejected(&self, now: Instant) -> bool {
@@ -144,19 +161,9 @@ impl Balancer {
         let mut stats = self.stats.lock().expect("balancer lock is never poisoned");
         let s = stats.entry(endpoint).or_insert_with(|| Stats::new(now));
         s.in_flight = s.in_flight.saturating_sub(1);
-        let sample = latency.as_nanos() as f64;
-        let decayed = s.decayed(now);
-        // Peak: a slower sample is taken at once; faster ones pull the estimate down slowly.
-        s.estimate_ns = if sample > decayed {
-            sample
-        } else {
-            let elapsed = now.saturating_duration_since(s.updated).as_secs_f64();
-            let weight = (-elapsed / DECAY.as_secs_f64()).exp();
-            decayed * weight + sample * (1.0 - weight)
-        };
-        s.updated = now;
         match outcome {
             Outcome::Success => {
+                s.observe(latency, now);
                 s.consecutive_failures = 0;
                 if s.ejections > 0 && !s.ejected(now) {
                     s.ejections = 0;

@@ -324,6 +324,17 @@ pub async fn handle(
                 break response.map(BodyExt::boxed);
             }
             Err(SendError::Timeout(after)) => {
+                // An attempt that timed out is retried like a 504 answer, on another endpoint.
+                if answer_retries < rules.attempts
+                    && replay.is_some()
+                    && rules.retries_answer(&parts.method, 504)
+                    && !out_of_time
+                    && budget.withdraw(&rules)
+                {
+                    answer_retries += 1;
+                    context.l7.metrics.retry(&destination_label, "timeout");
+                    continue;
+                }
                 break mesh_error(
                     StatusCode::GATEWAY_TIMEOUT,
                     "timeout",
@@ -345,6 +356,21 @@ pub async fn handle(
                 );
             }
             Err(SendError::Failed(reason)) => {
+                // Sent, and the connection failed before an answer (the host died, a
+                // partition): an idempotent request is safe to send to another endpoint,
+                // within the connect-retry count and the budget, policy or not.
+                let may_repeat = rules.non_idempotent || retry::is_idempotent(&parts.method);
+                if may_repeat
+                    && connect_failures < CONNECT_RETRIES
+                    && replay.is_some()
+                    && !out_of_time
+                    && budget.withdraw(&rules)
+                {
+                    connect_failures += 1;
+                    context.l7.metrics.retry(&destination_label, "reset");
+                    debug!(service = %destination, node = %endpoint.node, %reason, "the exchange failed; trying another endpoint");
+                    continue;
+                }
                 break mesh_error(
                     StatusCode::BAD_GATEWAY,
                     "upstream_http_error",

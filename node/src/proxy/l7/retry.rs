@@ -1,7 +1,9 @@
 //! What may be retried, and how much: the rules of one destination and its retry budget.
 //!
-//! Defaults, as Linkerd's: a request that never reached an endpoint (connect failure, a
-//! refused stream) is always tried on another endpoint, since it cannot have had an effect;
+//! Defaults: a request that never reached an endpoint (connect failure, a refused stream) is
+//! always tried on another endpoint, since it cannot have had an effect; an idempotent request
+//! whose connection failed before the answer (the host died, a partition) is too, within the
+//! budget;
 //! answers are retried only when an `HTTPRoutePolicy` (of the service the app addressed)
 //! asks for it, and then only for
 //! idempotent methods unless it says otherwise. Every retry draws on a budget per destination
