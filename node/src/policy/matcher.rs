@@ -174,7 +174,10 @@ pub fn normalize_path(path: &str) -> Cow<'_, str> {
     Cow::Owned(result)
 }
 
-/// Decodes `%XX` escapes of unreserved characters; other escapes keep upper-case hex.
+/// Decodes `%XX` escapes of unreserved characters; other escapes keep upper-case hex. A `%`
+/// that starts no escape becomes `%25`, so decoding can never assemble a new escape out of
+/// the characters around it (`%%32%65` must not turn into `%2e`, which an app would read as
+/// `.`), and normalising twice gives the same path as once.
 fn decode_unreserved(path: &str) -> String {
     let bytes = path.as_bytes();
     let mut out = String::with_capacity(path.len());
@@ -196,6 +199,11 @@ fn decode_unreserved(path: &str) -> String {
             i += 3;
             continue;
         }
+        if bytes[i] == b'%' {
+            out.push_str("%25");
+            i += 1;
+            continue;
+        }
         // Copy one UTF-8 character (paths from hyper are ASCII, but stay correct for any &str).
         let ch_len = path[i..].chars().next().map_or(1, char::len_utf8);
         out.push_str(&path[i..i + ch_len]);
@@ -208,6 +216,23 @@ fn decode_unreserved(path: &str) -> String {
 mod tests {
     use super::*;
     use hyper::header::HeaderValue;
+
+    #[test]
+    fn a_stray_percent_cannot_assemble_a_new_escape() {
+        // `%%32%65` decoded naively gives `%2e`, which an app reads as `.`.
+        let once = normalize_path("/public/%%32%65%%32%65/admin");
+        assert_eq!(once, "/public/%252e%252e/admin");
+        assert_eq!(
+            normalize_path(&once),
+            once,
+            "normalising twice changes nothing"
+        );
+        assert_eq!(normalize_path("/a%zz/b%"), "/a%25zz/b%25");
+        for path in ["/x/%2e%2e/y", "/a%20b", "/%7euser/./x/../y", "/p%%%41"] {
+            let once = normalize_path(path).into_owned();
+            assert_eq!(normalize_path(&once), once, "{path}");
+        }
+    }
 
     #[test]
     fn paths_are_normalised_before_matching() {
@@ -225,7 +250,7 @@ mod tests {
             ("/a%2fb", "/a%2Fb"),
             ("/a//b", "/a//b"),
             ("/caf%C3%A9", "/caf%C3%A9"),
-            ("/100%", "/100%"),
+            ("/100%", "/100%25"), // a stray `%` is escaped, so no new escape can form
             ("*", "*"),
             ("", ""),
         ];

@@ -198,12 +198,16 @@ async fn decide_and_forward(
         return limited;
     }
     let (mut parts, body) = request.into_parts();
-    // The service sees the path policy decided on (`/a/../b` is `/b`), so that what was
-    // allowed is what is served.
+    // The service sees the path policy decided on (`/a/../b` is `/b`), with its query, so
+    // that what was allowed is what is served.
     let raw = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
     if let Cow::Owned(normalized) = normalize_path(raw) {
+        let target = match parts.uri.query() {
+            Some(query) => format!("{normalized}?{query}"),
+            None => normalized,
+        };
         let mut uri = parts.uri.clone().into_parts();
-        uri.path_and_query = normalized.parse().ok();
+        uri.path_and_query = target.parse().ok();
         if let Ok(rebuilt) = Uri::from_parts(uri) {
             parts.uri = rebuilt;
         }

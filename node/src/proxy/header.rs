@@ -132,6 +132,13 @@ impl Status {
 }
 
 fn push_field(out: &mut Vec<u8>, field: &str) {
+    // Service names are at most 63 + 1 + 63 bytes (config and SPIFFE checks), far below the
+    // limit; truncating would name another service.
+    debug_assert!(
+        field.len() <= MAX_FIELD,
+        "header field of {} bytes",
+        field.len()
+    );
     let bytes = &field.as_bytes()[..field.len().min(MAX_FIELD)];
     out.extend_from_slice(&(bytes.len() as u16).to_be_bytes());
     out.extend_from_slice(bytes);
