@@ -197,8 +197,15 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         assert_eq!(probe(&check(CheckKind::Tcp), addr).await, Ok(()));
-        drop(listener);
-        assert!(probe(&check(CheckKind::Tcp), addr).await.is_err());
+        // A port that is bound but not listening: connects are refused, and no other socket
+        // (another test's listener, or this probe's own source port) can take it meanwhile.
+        let silent = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .unwrap();
+        silent
+            .bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .unwrap();
+        let silent_addr = silent.local_addr().unwrap().as_socket().unwrap();
+        assert!(probe(&check(CheckKind::Tcp), silent_addr).await.is_err());
     }
 
     #[tokio::test]
