@@ -199,8 +199,8 @@ mod tests {
         assert_eq!(probe(&check(CheckKind::Tcp), addr).await, Ok(()));
         // A port that is bound but not listening: connects are refused, and no other socket
         // (another test's listener, or this probe's own source port) can take it meanwhile.
-        let silent = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
-            .unwrap();
+        let silent =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
         silent
             .bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
             .unwrap();
