@@ -25,8 +25,9 @@ use weft_ca::scope::{NODE_SCOPE_OID, NodeScope};
 use weft_ca::tls::{SharedBundle, SvidServerVerifier, certified_key, quic_client_config};
 use weft_ca::{SpiffeId, TrustBundle, TrustDomain, Usage, WeftIdentity, verify_svid};
 use weft_tests::agent::{
-    Cluster, TestAgent, free_port, kill_process, metric_sum, open_fds, spawn_process,
-    start_cluster_with, wait_for_listener, wait_until,
+    Cluster, TestAgent, free_port, kill_process, metric_sum, open_fds, service_table as service,
+    spawn_process, start_cluster_with, take_turn, test_runtime as runtime,
+    upstream_table as upstream, wait_for_listener, wait_until,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -35,29 +36,9 @@ use weft_tests::agent::{
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
-/// Takes this file's turn lock (a failed test must not block the others).
+/// Takes this file's turn lock.
 fn serial() -> MutexGuard<'static, ()> {
-    SERIAL
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-}
-
-/// A `[[service]]` table.
-fn service(name: &str, port: u16, protocol: &str) -> String {
-    format!("[[service]]\nname = \"{name}\"\nport = {port}\nprotocol = \"{protocol}\"\n\n")
-}
-
-/// An `[[upstream]]` table listening on 127.0.0.1.
-fn upstream(service: &str, port: u16) -> String {
-    format!("[[upstream]]\nservice = \"{service}\"\nlisten = \"127.0.0.1:{port}\"\n\n")
+    take_turn(&SERIAL)
 }
 
 /// Starts `n` loopback agents (a1 the CA host) with `extra(name)` appended to each config.

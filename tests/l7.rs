@@ -20,7 +20,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use hyper::Method;
-use weft_tests::agent::{Cluster, TestAgent, free_port, metric_sum, wait_until};
+use weft_tests::agent::{
+    Cluster, TestAgent, free_port, metric_sum, service_table as service, take_turn,
+    test_runtime as runtime, upstream_table as upstream, wait_until,
+};
 use weft_tests::http_backend::{Answer, Backend, Client, by_backend};
 
 // ---------------------------------------------------------------------------------------------
@@ -29,29 +32,9 @@ use weft_tests::http_backend::{Answer, Backend, Client, by_backend};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
-/// Takes this file's turn lock (a failed test must not block the others).
+/// Takes this file's turn lock.
 fn serial() -> MutexGuard<'static, ()> {
-    SERIAL
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-}
-
-/// A `[[service]]` table.
-fn service(name: &str, port: u16, protocol: &str) -> String {
-    format!("[[service]]\nname = \"{name}\"\nport = {port}\nprotocol = \"{protocol}\"\n\n")
-}
-
-/// An `[[upstream]]` table listening on 127.0.0.1.
-fn upstream(service: &str, port: u16) -> String {
-    format!("[[upstream]]\nservice = \"{service}\"\nlisten = \"127.0.0.1:{port}\"\n\n")
+    take_turn(&SERIAL)
 }
 
 /// Starts three loopback agents (a1 the CA host) with `extra(name)` appended to each config,

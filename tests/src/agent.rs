@@ -738,3 +738,27 @@ pub fn all_logs(agents: &[TestAgent]) -> String {
         .collect::<Vec<_>>()
         .join("\n")
 }
+
+/// A `[[service]]` table for [`AgentSpec::extra`].
+pub fn service_table(name: &str, port: u16, protocol: &str) -> String {
+    format!("[[service]]\nname = \"{name}\"\nport = {port}\nprotocol = \"{protocol}\"\n\n")
+}
+
+/// An `[[upstream]]` table listening on 127.0.0.1, for [`AgentSpec::extra`].
+pub fn upstream_table(service: &str, port: u16) -> String {
+    format!("[[upstream]]\nservice = \"{service}\"\nlisten = \"127.0.0.1:{port}\"\n\n")
+}
+
+/// A two-thread tokio runtime for a test's own clients and servers.
+pub fn test_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// Takes a test file's turn lock; a test that failed holding it does not block the others.
+pub fn take_turn(lock: &'static std::sync::Mutex<()>) -> std::sync::MutexGuard<'static, ()> {
+    lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
