@@ -24,6 +24,7 @@ use tracing::{debug, warn};
 use super::api::{self, KeysReport, LocalService, MemberCounts, ServiceEntry, StatusReport, paths};
 use super::policy;
 use crate::agent::Shared;
+use crate::proxy::ProxyContext;
 
 /// Errors binding the admin listeners.
 #[derive(Debug, thiserror::Error)]
@@ -64,7 +65,7 @@ impl AdminServer {
     }
 
     /// Serves until `shutdown` turns true, then removes the socket file.
-    pub async fn serve(self, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    pub async fn serve(self, proxy: Arc<ProxyContext>, mut shutdown: watch::Receiver<bool>) {
         let AdminServer {
             unix,
             socket_path,
@@ -74,11 +75,11 @@ impl AdminServer {
             tokio::select! {
                 _ = shutdown.wait_for(|stop| *stop) => break,
                 accepted = unix.accept() => match accepted {
-                    Ok((stream, _)) => spawn_connection(TokioIo::new(stream), shared.clone(), Surface::Socket),
+                    Ok((stream, _)) => spawn_connection(TokioIo::new(stream), proxy.clone(), Surface::Socket),
                     Err(error) => warn!(%error, "admin socket accept failed"),
                 },
                 accepted = http.accept() => match accepted {
-                    Ok((stream, _)) => spawn_connection(TokioIo::new(stream), shared.clone(), Surface::Http),
+                    Ok((stream, _)) => spawn_connection(TokioIo::new(stream), proxy.clone(), Surface::Http),
                     Err(error) => warn!(%error, "admin http accept failed"),
                 },
             }
@@ -110,26 +111,27 @@ enum Surface {
     Http,
 }
 
-fn spawn_connection<S>(io: TokioIo<S>, shared: Arc<Shared>, surface: Surface)
+fn spawn_connection<S>(io: TokioIo<S>, proxy: Arc<ProxyContext>, surface: Surface)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     tokio::spawn(async move {
         let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-            let shared = shared.clone();
+            let proxy = proxy.clone();
             async move {
+                let shared = &proxy.shared;
                 let response = if surface == Surface::Socket
                     && request.method() == Method::POST
                     && request.uri().path() == paths::POLICY
                 {
-                    policy::offer(&shared, request).await
+                    policy::offer(shared, request).await
                 } else if surface == Surface::Socket
                     && request.method() == Method::GET
                     && request.uri().path() == paths::STAT
                 {
-                    json(&crate::agent::stats::gather(&shared).await)
+                    json(&crate::agent::stats::gather(&proxy).await)
                 } else {
-                    route(&shared, surface, &request)
+                    route(shared, surface, &request)
                 };
                 Ok::<_, Infallible>(response)
             }

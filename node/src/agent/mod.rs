@@ -246,7 +246,7 @@ impl Agent {
             identities,
         };
         let tasks = vec![
-            tokio::spawn(admin.serve(shared.clone(), stop_rx.clone())),
+            tokio::spawn(admin.serve(proxy.clone(), stop_rx.clone())),
             tokio::spawn(endpoint.serve(ca_server.clone(), proxy.clone(), stop_rx.clone())),
             tokio::spawn(policy_sync::run(proxy.clone(), stop_rx.clone())),
             tokio::spawn(identity::run(context, services_rx, stop_rx)),

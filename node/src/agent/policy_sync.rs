@@ -67,7 +67,8 @@ pub async fn run(proxy: Arc<ProxyContext>, mut stop: watch::Receiver<bool>) {
         let wanted = newer_peers(&shared);
         let mut fetched = wanted.is_empty();
         for (name, addr, version) in wanted.into_iter().take(PEERS_PER_ROUND) {
-            match tokio::time::timeout(FETCH_TIMEOUT, fetch(&proxy, addr)).await {
+            let fetch = proxy.tunnels.ask(addr, ALPN_POLICY, MAX_BUNDLE_BYTES);
+            match tokio::time::timeout(FETCH_TIMEOUT, fetch).await {
                 Ok(Ok(bytes)) if bytes.is_empty() => {
                     debug!(peer = %name, "peer advertised a policy but served none");
                 }
@@ -127,23 +128,4 @@ fn newer_peers(shared: &Shared) -> Vec<(String, SocketAddr, u64)> {
     peers.shuffle(&mut rand::rng());
     peers.sort_by_key(|p| std::cmp::Reverse(p.2));
     peers
-}
-
-/// Fetches the bundle the agent at `addr` enforces.
-async fn fetch(proxy: &ProxyContext, addr: SocketAddr) -> Result<Vec<u8>, String> {
-    let (connection, _peer) = proxy
-        .tunnels
-        .dial(addr, ALPN_POLICY)
-        .await
-        .map_err(|e| e.to_string())?;
-    let result = async {
-        let (mut send, mut recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
-        send.finish().map_err(|e| e.to_string())?;
-        recv.read_to_end(MAX_BUNDLE_BYTES)
-            .await
-            .map_err(|e| e.to_string())
-    }
-    .await;
-    connection.close(0u32.into(), b"done");
-    result
 }

@@ -23,12 +23,12 @@ use prometheus::proto::MetricFamily;
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 use tracing::{debug, warn};
-use weft_ca::tls::{SvidServerVerifier, quic_client_config};
-use weft_ca::{Usage, WeftIdentity};
+use weft_ca::Usage;
 use weft_discovery::MemberState;
 
 use super::Shared;
 use crate::admin::api::{AgentStat, StatReport};
+use crate::proxy::ProxyContext;
 use crate::proxy::tunnel::peer_node;
 
 /// ALPN of the stats protocol.
@@ -246,7 +246,8 @@ pub async fn serve(shared: Arc<Shared>, connection: quinn::Connection) {
 /// Every alive member's snapshot: this agent's own directly, the others' fetched
 /// concurrently over QUIC, each bounded by [`FETCH_TIMEOUT`]. A member that does not answer
 /// is reported with the reason, never fails the whole report.
-pub async fn gather(shared: &Shared) -> StatReport {
+pub async fn gather(proxy: &Arc<ProxyContext>) -> StatReport {
+    let shared = &proxy.shared;
     let config = shared.config.load_full();
     let catalog = shared.catalog.current();
     let mut agents = Vec::new();
@@ -271,67 +272,33 @@ pub async fn gather(shared: &Shared) -> StatReport {
             }
         }
     }
-    if !peers.is_empty() {
-        let bind = SocketAddr::new(config.tunnel.bind.ip(), 0);
-        match quinn::Endpoint::client(bind) {
-            Ok(endpoint) => {
-                let mut fetches = JoinSet::new();
-                for (node, addr) in peers {
-                    let (endpoint, shared_bundle) = (endpoint.clone(), shared.bundle.clone());
-                    let key = shared
-                        .identities
-                        .load()
-                        .node
-                        .as_ref()
-                        .map(|n| n.key.clone());
-                    fetches.spawn(async move {
-                        let result = match key {
-                            None => Err("this host has no node identity yet".to_string()),
-                            Some(key) => tokio::time::timeout(
-                                FETCH_TIMEOUT,
-                                fetch(&endpoint, shared_bundle, key, addr),
-                            )
-                            .await
-                            .unwrap_or_else(|_| Err(format!("no answer within {FETCH_TIMEOUT:?}"))),
-                        };
-                        (node, addr, result)
-                    });
-                }
-                while let Some(joined) = fetches.join_next().await {
-                    let Ok((node, addr, result)) = joined else {
-                        continue;
-                    };
-                    if let Err(reason) = &result {
-                        debug!(peer = %node, %addr, %reason, "stats fetch failed");
-                    }
-                    let (snapshot, error) = match result {
-                        Ok(snapshot) => (Some(snapshot), None),
-                        Err(reason) => (None, Some(reason)),
-                    };
-                    agents.push(AgentStat {
-                        node,
-                        addr: Some(addr),
-                        snapshot,
-                        error,
-                    });
-                }
-                // Let the close frames go out without holding up the answer.
-                tokio::spawn(async move {
-                    let _ =
-                        tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
-                });
-            }
-            Err(e) => {
-                for (node, addr) in peers {
-                    agents.push(AgentStat {
-                        node,
-                        addr: Some(addr),
-                        snapshot: None,
-                        error: Some(format!("cannot open a QUIC socket on {bind}: {e}")),
-                    });
-                }
-            }
+    let mut fetches = JoinSet::new();
+    for (node, addr) in peers {
+        let proxy = proxy.clone();
+        fetches.spawn(async move {
+            let result = tokio::time::timeout(FETCH_TIMEOUT, fetch(&proxy, addr))
+                .await
+                .unwrap_or_else(|_| Err(format!("no answer within {FETCH_TIMEOUT:?}")));
+            (node, addr, result)
+        });
+    }
+    while let Some(joined) = fetches.join_next().await {
+        let Ok((node, addr, result)) = joined else {
+            continue;
+        };
+        if let Err(reason) = &result {
+            debug!(peer = %node, %addr, %reason, "stats fetch failed");
         }
+        let (snapshot, error) = match result {
+            Ok(snapshot) => (Some(snapshot), None),
+            Err(reason) => (None, Some(reason)),
+        };
+        agents.push(AgentStat {
+            node,
+            addr: Some(addr),
+            snapshot,
+            error,
+        });
     }
     agents.sort_by(|a, b| a.node.cmp(&b.node));
     StatReport {
@@ -340,36 +307,13 @@ pub async fn gather(shared: &Shared) -> StatReport {
     }
 }
 
-/// Fetches the snapshot of the agent at `addr`, presenting this host's node SVID.
-async fn fetch(
-    endpoint: &quinn::Endpoint,
-    bundle: weft_ca::tls::SharedBundle,
-    key: Arc<rustls::sign::CertifiedKey>,
-    addr: SocketAddr,
-) -> Result<AgentSnapshot, String> {
-    let verifier =
-        SvidServerVerifier::new(bundle.clone(), "a node ID spiffe://TD/node/NAME", |id| {
-            matches!(id.kind(), WeftIdentity::Node { .. })
-        });
-    let config = quic_client_config(verifier, Some(key), ALPN_STATS).map_err(|e| e.to_string())?;
-    let connection = endpoint
-        .connect_with(config, addr, "tunnel.weft.invalid")
-        .map_err(|e| e.to_string())?
-        .await
-        .map_err(|e| e.to_string())?;
-    let result = async {
-        peer_node(&connection, &bundle, Usage::Server)?;
-        let (mut send, mut recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
-        send.finish().map_err(|e| e.to_string())?;
-        let bytes = recv
-            .read_to_end(MAX_SNAPSHOT_BYTES)
-            .await
-            .map_err(|e| e.to_string())?;
-        serde_json::from_slice(&bytes).map_err(|e| format!("bad snapshot: {e}"))
-    }
-    .await;
-    connection.close(0u32.into(), b"done");
-    result
+/// Fetches the snapshot of the agent at `addr` over this agent's own QUIC endpoint.
+async fn fetch(proxy: &ProxyContext, addr: SocketAddr) -> Result<AgentSnapshot, String> {
+    let bytes = proxy
+        .tunnels
+        .ask(addr, ALPN_STATS, MAX_SNAPSHOT_BYTES)
+        .await?;
+    serde_json::from_slice(&bytes).map_err(|e| format!("bad snapshot: {e}"))
 }
 
 /// Golden metrics of one service over a window.

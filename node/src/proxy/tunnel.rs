@@ -275,6 +275,26 @@ impl TunnelPool {
         })
     }
 
+    /// One request-and-answer exchange with the agent at `addr` over protocol `alpn` (policy
+    /// bundles, stats): a new mutual-TLS connection, one stream on which this side sends
+    /// nothing, and the peer's whole answer, at most `limit` bytes.
+    pub async fn ask(
+        &self,
+        addr: SocketAddr,
+        alpn: &[u8],
+        limit: usize,
+    ) -> Result<Vec<u8>, String> {
+        let (connection, _peer) = self.dial(addr, alpn).await.map_err(|e| e.to_string())?;
+        let result = async {
+            let (mut send, mut recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
+            send.finish().map_err(|e| e.to_string())?;
+            recv.read_to_end(limit).await.map_err(|e| e.to_string())
+        }
+        .await;
+        connection.close(0u32.into(), b"done");
+        result
+    }
+
     /// A new, unpooled connection to the agent at `addr` for protocol `alpn`, mutual TLS with
     /// this node's SVID; returns it with the peer's verified node SVID.
     pub async fn dial(
