@@ -25,6 +25,7 @@ use weft_tests::agent::{
     test_runtime as runtime, upstream_table as upstream, wait_until,
 };
 use weft_tests::http_backend::{Answer, Backend, Client, by_backend};
+use weft_tests::nginx::Nginx;
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -983,10 +984,11 @@ fn grpc_unary_and_server_streaming_through_the_mesh() {
 // 7. HTTP/2 load with h2load
 // ---------------------------------------------------------------------------------------------
 
-/// Runs `h2load` bounded by `limit`; returns its output.
-fn h2load(url: &str, limit: Duration) -> String {
+/// Runs `h2load args url` bounded by `limit`; returns its output.
+fn h2load(args: &[&str], url: &str, limit: Duration) -> String {
     let mut child = Command::new("h2load")
-        .args(["-n", "2000", "-c", "4", "-m", "10", url])
+        .args(args)
+        .arg(url)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -1042,6 +1044,7 @@ fn h2load_through_upstreams_has_no_errors() {
     );
     for (service, port, backend) in [("web", up_h2, &h2), ("api", up_h1, &h1)] {
         let output = h2load(
+            &["-n", "2000", "-c", "4", "-m", "10"],
             &format!("http://127.0.0.1:{port}/"),
             Duration::from_secs(60),
         );
@@ -1067,5 +1070,52 @@ fn h2load_through_upstreams_has_no_errors() {
             cluster.agents[2].log()
         );
         assert_eq!(backend.counts().method("GET"), 2000);
+    }
+}
+
+/// A strict server behind the mesh: nginx, which refuses an HTTP/2 request carrying both
+/// `:authority` and Host. Registered as an `http2` service (h2c) and as an `http` service,
+/// reached by apps over HTTP/1.1 and h2c: every request of `h2load` succeeds with the file.
+#[test]
+fn nginx_serves_every_request_through_the_mesh() {
+    let _turn = serial();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let nginx = Nginx::start(dir.path()).expect("start nginx");
+    let (up_h2, up_h1) = (free_port(), free_port());
+    let (h2_port, http_port) = (nginx.h2_port, nginx.http_port);
+    let cluster = start_mesh(
+        |name| match name {
+            "a2" => service("web", h2_port, "http2") + &service("api", http_port, "http"),
+            "a3" => upstream("web", up_h2) + &upstream("api", up_h1),
+            _ => String::new(),
+        },
+        2,
+        &[("web", &["a2"]), ("api", &["a2"])],
+    );
+    for (service, port) in [("web (http2)", up_h2), ("api (http)", up_h1)] {
+        for (client, args) in [
+            ("h2c", &["-n", "300", "-c", "2", "-m", "4"][..]),
+            ("HTTP/1.1", &["--h1", "-n", "300", "-c", "2"][..]),
+        ] {
+            let output = h2load(
+                args,
+                &format!("http://127.0.0.1:{port}/1k"),
+                Duration::from_secs(60),
+            );
+            let ok_2xx = h2load_count(&output, "status codes:", "2xx");
+            let bytes = output
+                .lines()
+                .find(|l| l.starts_with("traffic:"))
+                .unwrap_or("")
+                .to_string();
+            println!("{client} app → {service}: 2xx {ok_2xx:?}; {bytes}");
+            assert_eq!(
+                ok_2xx,
+                Some(300),
+                "{client} app → nginx as {service}:\n{output}\n{}\n{}",
+                std::fs::read_to_string(dir.path().join("nginx-error.log")).unwrap_or_default(),
+                cluster.agents[2].log()
+            );
+        }
     }
 }
