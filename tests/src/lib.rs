@@ -3,7 +3,9 @@
 
 pub mod agent;
 pub mod bench_report;
+pub mod charts;
 pub mod faults;
 pub mod gossip_sim;
 pub mod http_backend;
 pub mod lab;
+pub mod nginx;
