@@ -34,8 +34,18 @@ pub enum BundleError {
         error: std::io::Error,
     },
     /// No certificate was found.
-    #[error("trust bundle holds no CA certificate")]
+    #[error(
+        "trust bundle holds no CA certificate (expected PEM `BEGIN CERTIFICATE` blocks, such as root.pem from `weft ca init`)"
+    )]
     Empty,
+    /// A bundle file's content is not usable.
+    #[error("trust bundle {path}: {error}")]
+    File {
+        /// The file.
+        path: String,
+        /// What is wrong with it.
+        error: Box<BundleError>,
+    },
     /// A PEM block was not a certificate or did not parse.
     #[error("trust bundle entry {index} is not a valid certificate: {reason}")]
     BadCertificate {
@@ -112,7 +122,10 @@ impl TrustBundle {
             path: path.display().to_string(),
             error,
         })?;
-        TrustBundle::from_pem(trust_domain, &pem)
+        TrustBundle::from_pem(trust_domain, &pem).map_err(|error| BundleError::File {
+            path: path.display().to_string(),
+            error: Box::new(error),
+        })
     }
 
     /// The trust domain this bundle is for.
