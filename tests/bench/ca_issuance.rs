@@ -88,7 +88,7 @@ fn main() -> anyhow::Result<()> {
     ));
     print!("{report}");
     bench_report::write_section(
-        "docs/benchmarks.md",
+        "benchmarks.md",
         "CA issuance",
         "cargo bench -p weft-tests --bench ca_issuance",
         &report,

@@ -12,25 +12,29 @@
 //!   server. The release binary (`cargo build --release --bin weft`, run by this bench).
 //!
 //! A fourth, diagnostic route is an `[[upstream]]` of agent B to its own service (the same
-//! listener and splice code, no tunnel), to tell the relay's cost from the tunnel's.
+//! listener and splice code, no tunnel), to tell the relay's cost from the tunnel's. For HTTP
+//! a fifth route, **Weft L7**, reaches the same nginx through services registered as `http`
+//! and `http2`, so that each request is parsed, balanced, counted and carried as HTTP/2.
 //!
 //! Servers: an echo server (a thread per connection in this process), nginx-light (one
-//! process, 1 KB file) and `iperf3 -s`. Load: a Rust 1-byte echo client on one persistent
-//! connection per route (round trip), 300 fresh connections per route (connect + first byte),
-//! both with the routes taking turns in chunks, h2load
-//! `--h1 -c 1 --rps 1000 -D 10` (1 KB HTTP/1.1 at a fixed 1,000 requests/s, percentiles from
-//! `--log-file`), iperf3 10 s with 1 and 8 flows. Agent and HAProxy CPU comes from
-//! `/proc/PID/stat` (utime + stime) around each run, memory from `/proc/PID/status`.
+//! process, 1 KB file, HTTP/1.1 and h2c) and `iperf3 -s`. Load: a Rust 1-byte echo client on
+//! one persistent connection per route (round trip), 300 fresh connections per route (connect
+//! + first byte), both with the routes taking turns in chunks; h2load `-c 1 --rps 1000 -D 10`
+//! over HTTP/1.1 and h2c (1 KB at a fixed 1,000 requests/s, percentiles from `--log-file`);
+//! `wrk -t 1 -c 8` for 5 s (HTTP/1.1 as fast as it goes); iperf3 10 s with 1 and 8 flows.
+//! Agent and HAProxy CPU comes from `/proc/PID/stat` (utime + stime) around each run, memory
+//! from `/proc/PID/status`.
 //!
 //! Three interleaved rounds (the order of the paths rotates each round); each figure is the
-//! median with the range over the rounds. CPU used by other processes and steal time are
-//! recorded per round. Every process started is killed by PID, also on failure.
+//! median with the range over the rounds, and the plots (`img/dataplane-*.png`) show the same.
+//! CPU used by other processes and steal time are recorded per round. Every process started is
+//! killed by PID, also on failure.
 //!
 //! Run: `cargo bench -p weft-tests --bench dataplane` (needs haproxy, iperf3, nghttp2-client,
-//! nginx-light and openssl; about 6 minutes, plus the release build if it is stale). It prints
-//! a markdown report and writes it into `docs/benchmarks.md` (section "Data plane: Weft vs
-//! direct vs HAProxy mTLS"). `WEFT_BENCH_QUICK=1` runs one short round to check the rig and
-//! writes nothing.
+//! nginx-light, wrk and openssl; about 10 minutes, plus the release build if it is stale), or
+//! `bash tests/bench/run.sh` for every benchmark. It prints a markdown report and writes it
+//! into `benchmarks.md` (section "Data plane: Weft vs direct vs HAProxy mTLS") of the docs
+//! folder. `WEFT_BENCH_QUICK=1` runs one short round to check the rig and writes nothing.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -44,6 +48,8 @@ use weft_tests::agent::{
     AgentSpec, Pki, free_port, gossip_keygen, http_get, wait_until, weft_bin, write_keyring,
 };
 use weft_tests::bench_report;
+use weft_tests::charts::{BarChart, BarSeries, Spread};
+use weft_tests::nginx::Nginx;
 
 const ROUNDS: usize = 3;
 const RTT_WARMUP: usize = 1_000;
@@ -56,11 +62,16 @@ const NEW_CONNECTIONS: usize = 300;
 const NEW_CONNECTIONS_BOUND: Duration = Duration::from_secs(20);
 const HTTP_SECONDS: u64 = 10;
 const HTTP_RPS: u64 = 1_000;
+/// Most requests per second: `wrk` with one thread and this many connections, for this long.
+const WRK_CONNECTIONS: usize = 8;
+const WRK_SECONDS: u64 = 5;
 const IPERF_SECONDS: u64 = 10;
 /// The issue's targets.
 const TARGET_ADDED_RTT_US: f64 = 25.0;
 const TARGET_ADDED_P99_US: f64 = 200.0;
 const TARGET_IDLE_RSS_MB: f64 = 15.0;
+/// The L7 issue's target: at most 0.05 CPU-seconds per 1,000 requests per agent.
+const TARGET_L7_CPU_MS_PER_1K: f64 = 50.0;
 /// ztunnel's published figure (Istio 1.24): 0.06 vCPU per 1,000 rps per proxy, i.e. 60 ms of
 /// CPU per 1,000 requests per proxy.
 const ANCHOR_CPU_MS_PER_1K_PER_PROXY: f64 = 60.0;
@@ -96,10 +107,17 @@ fn main() -> anyhow::Result<()> {
     let bench = Bench::start(dir.path())?;
     let setup = started.elapsed();
     let results = bench.run()?;
-    let report = report(&bench, &results, &load, setup, started.elapsed());
+    let mut report = report(&bench, &results, &load, setup, started.elapsed());
+    // A quick run checks the plots too, drawing them where they are thrown away.
+    let charts = if quick() {
+        dir.path().join("img")
+    } else {
+        bench_report::charts_dir()
+    };
+    report.push_str(&render_charts(&results, &charts)?);
     print!("{report}");
     if !quick() {
-        bench_report::write_section("docs/benchmarks.md", HEADING, COMMAND, &report)?;
+        bench_report::write_section("benchmarks.md", HEADING, COMMAND, &report)?;
     }
     drop(bench);
     Ok(())
@@ -113,6 +131,7 @@ fn check_tools() -> anyhow::Result<()> {
         ("h2load", "nghttp2-client"),
         ("nginx", "nginx-light"),
         ("openssl", "openssl"),
+        ("wrk", "wrk"),
     ];
     let missing: Vec<&str> = tools
         .iter()
@@ -399,6 +418,9 @@ enum Route {
     Weft,
     /// Diagnostic: an `[[upstream]]` of agent B to its own service (TCP relay, no tunnel).
     WeftLocal,
+    /// HTTP only: the same two agents with the web services registered as `http` / `http2`,
+    /// so each request is routed, balanced and counted on its own (L7).
+    WeftL7,
 }
 
 impl Route {
@@ -410,6 +432,24 @@ impl Route {
             Route::Haproxy => "HAProxy pair",
             Route::Weft => "Weft",
             Route::WeftLocal => "Weft, one agent (no tunnel)",
+            Route::WeftL7 => "Weft L7",
+        }
+    }
+}
+
+/// The protocol of an h2load run.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum HttpVersion {
+    Http1,
+    /// HTTP/2 over cleartext with prior knowledge, as apps speak it to the local agent.
+    H2c,
+}
+
+impl HttpVersion {
+    fn metric_prefix(self) -> &'static str {
+        match self {
+            HttpVersion::Http1 => "http",
+            HttpVersion::H2c => "h2",
         }
     }
 }
@@ -418,7 +458,10 @@ impl Route {
 #[derive(Clone, Copy)]
 struct Ports {
     echo: u16,
+    /// nginx over HTTP/1.1.
     http: u16,
+    /// nginx over h2c (HTTP/2 with prior knowledge).
+    h2: u16,
     iperf: u16,
 }
 
@@ -429,11 +472,12 @@ struct Bench {
     haproxy: Ports,
     weft: Ports,
     weft_local: Ports,
+    weft_l7: Ports,
     /// Client-side and server-side HAProxy.
     haproxy_pids: [u32; 2],
     /// Agent A (upstream listeners) and agent B (services).
     agent_pids: [u32; 2],
-    nginx_pid: u32,
+    nginx: Nginx,
     /// (HAProxy client side, server side, agent A, agent B) idle RSS in kB, after one probe.
     idle_rss_kb: [u64; 4],
     /// Every process started, killed by PID when dropped.
@@ -443,45 +487,13 @@ struct Bench {
 impl Bench {
     fn start(dir: &Path) -> anyhow::Result<Bench> {
         let mut background = Vec::new();
+        let nginx = Nginx::start(dir)?;
         let direct = Ports {
             echo: start_echo_server()?,
-            http: free_port(),
+            http: nginx.http_port,
+            h2: nginx.h2_port,
             iperf: free_port(),
         };
-
-        // nginx-light, one process, serving a 1 KB file.
-        let www = dir.join("www");
-        std::fs::create_dir_all(&www)?;
-        std::fs::create_dir_all(dir.join("nginx-tmp"))?;
-        std::fs::write(www.join("1k"), vec![b'x'; 1024])?;
-        let tmp = dir.join("nginx-tmp");
-        let nginx_conf = format!(
-            "master_process off;\ndaemon off;\nworker_processes 1;\npid {d}/nginx.pid;\n\
-             error_log {d}/nginx-error.log warn;\nevents {{ worker_connections 4096; }}\n\
-             http {{\n  access_log off;\n  keepalive_requests 1000000;\n\
-             client_body_temp_path {t}/body;\n  proxy_temp_path {t}/proxy;\n\
-             fastcgi_temp_path {t}/fastcgi;\n  uwsgi_temp_path {t}/uwsgi;\n  scgi_temp_path {t}/scgi;\n\
-             server {{ listen 127.0.0.1:{port}; root {w}; }}\n}}\n",
-            d = dir.display(),
-            t = tmp.display(),
-            w = www.display(),
-            port = direct.http,
-        );
-        std::fs::write(dir.join("nginx.conf"), nginx_conf)?;
-        let nginx = Background::spawn(
-            "nginx",
-            Command::new("nginx")
-                .arg("-c")
-                .arg(dir.join("nginx.conf"))
-                .arg("-p")
-                .arg(dir)
-                .arg("-e")
-                .arg(dir.join("nginx-error.log")),
-            &dir.join("nginx.log"),
-        )?;
-        let nginx_pid = nginx.pid();
-        background.push(nginx);
-        wait_for_port(direct.http, "nginx")?;
 
         background.push(Background::spawn(
             "iperf3 server",
@@ -495,11 +507,13 @@ impl Bench {
         let haproxy = Ports {
             echo: free_port(),
             http: free_port(),
+            h2: free_port(),
             iperf: free_port(),
         };
         let tls = Ports {
             echo: free_port(),
             http: free_port(),
+            h2: free_port(),
             iperf: free_port(),
         };
         let client_side = format!(
@@ -508,6 +522,7 @@ impl Bench {
             [
                 ("echo", haproxy.echo, tls.echo),
                 ("http", haproxy.http, tls.http),
+                ("h2", haproxy.h2, tls.h2),
                 ("iperf", haproxy.iperf, tls.iperf),
             ]
             .iter()
@@ -523,6 +538,7 @@ impl Bench {
             [
                 ("echo", tls.echo, direct.echo),
                 ("http", tls.http, direct.http),
+                ("h2", tls.h2, direct.h2),
                 ("iperf", tls.iperf, direct.iperf),
             ]
             .iter()
@@ -551,10 +567,10 @@ impl Bench {
             haproxy_pids[i] = process.pid();
             background.push(process);
         }
-        for port in [tls.echo, tls.http, tls.iperf] {
+        for port in [tls.echo, tls.http, tls.h2, tls.iperf] {
             wait_for_port(port, "server-side haproxy")?;
         }
-        for port in [haproxy.echo, haproxy.http, haproxy.iperf] {
+        for port in [haproxy.echo, haproxy.http, haproxy.h2, haproxy.iperf] {
             wait_for_port(port, "client-side haproxy")?;
         }
 
@@ -562,7 +578,14 @@ impl Bench {
         let weft = Ports {
             echo: free_port(),
             http: free_port(),
+            h2: free_port(),
             iperf: free_port(),
+        };
+        let weft_l7 = Ports {
+            echo: 0,
+            http: free_port(),
+            h2: free_port(),
+            iperf: 0,
         };
         let keyring = write_keyring(dir, "gossip.keys", &[gossip_keygen()]);
         let pki = Pki::new(dir);
@@ -572,14 +595,27 @@ impl Bench {
         let weft_local = Ports {
             echo: free_port(),
             http: 0,
+            h2: 0,
             iperf: free_port(),
         };
+        // `web` / `web-h2c` are TCP services (L4, spliced); `web-l7` / `web-l7-h2` are the same
+        // nginx listeners registered as HTTP services (L7, per request).
         b.extra = format!(
             "[[service]]\nname = \"echo\"\nport = {}\n\n[[service]]\nname = \"web\"\nport = {}\n\n\
+             [[service]]\nname = \"web-h2c\"\nport = {}\n\n\
+             [[service]]\nname = \"web-l7\"\nport = {}\nprotocol = \"http\"\n\n\
+             [[service]]\nname = \"web-l7-h2\"\nport = {}\nprotocol = \"http2\"\n\n\
              [[service]]\nname = \"iperf\"\nport = {}\n\n\
              [[upstream]]\nservice = \"echo\"\nlisten = \"127.0.0.1:{}\"\n\n\
              [[upstream]]\nservice = \"iperf\"\nlisten = \"127.0.0.1:{}\"\n",
-            direct.echo, direct.http, direct.iperf, weft_local.echo, weft_local.iperf
+            direct.echo,
+            direct.http,
+            direct.h2,
+            direct.http,
+            direct.h2,
+            direct.iperf,
+            weft_local.echo,
+            weft_local.iperf
         );
         let mut admin_ports = [0u16; 2];
         let mut a = AgentSpec::loopback("a", &keyring, &pki);
@@ -590,8 +626,11 @@ impl Bench {
         a.extra = format!(
             "[[upstream]]\nservice = \"echo\"\nlisten = \"127.0.0.1:{}\"\n\n\
              [[upstream]]\nservice = \"web\"\nlisten = \"127.0.0.1:{}\"\n\n\
+             [[upstream]]\nservice = \"web-h2c\"\nlisten = \"127.0.0.1:{}\"\n\n\
+             [[upstream]]\nservice = \"web-l7\"\nlisten = \"127.0.0.1:{}\"\n\n\
+             [[upstream]]\nservice = \"web-l7-h2\"\nlisten = \"127.0.0.1:{}\"\n\n\
              [[upstream]]\nservice = \"iperf\"\nlisten = \"127.0.0.1:{}\"\n",
-            weft.echo, weft.http, weft.iperf
+            weft.echo, weft.http, weft.h2, weft_l7.http, weft_l7.h2, weft.iperf
         );
         let mut agent_pids = [0; 2];
         for (i, spec) in [a, b].into_iter().enumerate() {
@@ -639,6 +678,17 @@ impl Bench {
         for route_ports in [direct, haproxy, weft, weft_local] {
             probe_echo(route_ports.echo).with_context(logs)?;
         }
+        for port in [weft.http, weft_l7.http] {
+            let (status, body) =
+                http_get(SocketAddr::from(([127, 0, 0, 1], port)), "/1k").with_context(logs)?;
+            if status != 200 || body.len() != 1024 {
+                bail!(
+                    "GET /1k through port {port}: status {status}, {} bytes\n{}",
+                    body.len(),
+                    logs()
+                );
+            }
+        }
         std::thread::sleep(Duration::from_secs(2));
         let rss = |pid| status_kb(pid, "VmRSS").unwrap_or(0);
         let idle_rss_kb = [
@@ -663,9 +713,10 @@ impl Bench {
             haproxy,
             weft,
             weft_local,
+            weft_l7,
             haproxy_pids,
             agent_pids,
-            nginx_pid,
+            nginx,
             idle_rss_kb,
             background,
         })
@@ -677,6 +728,7 @@ impl Bench {
             Route::Haproxy => self.haproxy,
             Route::Weft => self.weft,
             Route::WeftLocal => self.weft_local,
+            Route::WeftL7 => self.weft_l7,
         }
     }
 
@@ -685,13 +737,13 @@ impl Bench {
         match route {
             Route::Direct => Vec::new(),
             Route::Haproxy => self.haproxy_pids.to_vec(),
-            Route::Weft => self.agent_pids.to_vec(),
+            Route::Weft | Route::WeftL7 => self.agent_pids.to_vec(),
             Route::WeftLocal => vec![self.agent_pids[1]],
         }
     }
 
     fn long_lived_pids(&self) -> Vec<u32> {
-        let mut pids = vec![self.nginx_pid];
+        let mut pids = vec![self.nginx.pid()];
         pids.extend(self.haproxy_pids);
         pids.extend(self.agent_pids);
         pids.extend(self.background.iter().map(Background::pid));
@@ -734,8 +786,17 @@ impl Bench {
                 results.add(*route, "conn_p99", p99);
                 results.add(*route, "conn_n", n as f64);
             }
-            for route in order {
-                self.http_run(route, &mut results)?;
+            // The HTTP runs add the L7 route, in its turn with the others.
+            let mut http_routes = vec![Route::Direct, Route::Haproxy, Route::Weft, Route::WeftL7];
+            let turn = round % http_routes.len();
+            http_routes.rotate_left(turn);
+            for version in [HttpVersion::Http1, HttpVersion::H2c] {
+                for route in &http_routes {
+                    self.http_run(*route, version, &mut results)?;
+                }
+            }
+            for route in &http_routes {
+                self.wrk_run(*route, &mut results)?;
             }
             for flows in [1, 8] {
                 for route in order {
@@ -789,12 +850,22 @@ impl Bench {
         Ok(results)
     }
 
-    /// h2load, 1 KB over HTTP/1.1, one connection at a fixed 1,000 requests/s for 10 s.
-    fn http_run(&self, route: Route, results: &mut Results) -> anyhow::Result<()> {
+    /// h2load, 1 KB over HTTP/1.1 or h2c, one connection at a fixed 1,000 requests/s for 10 s.
+    fn http_run(
+        &self,
+        route: Route,
+        version: HttpVersion,
+        results: &mut Results,
+    ) -> anyhow::Result<()> {
+        let prefix = version.metric_prefix();
+        let (port, protocol_args): (u16, &[&str]) = match version {
+            HttpVersion::Http1 => (self.ports(route).http, &["--h1"]),
+            HttpVersion::H2c => (self.ports(route).h2, &[]),
+        };
         let log = self.dir.join("h2load.tsv");
         let _ = std::fs::remove_file(&log);
         let proxies = self.proxies(route);
-        let idle_agents = if route == Route::Weft {
+        let idle_agents = if matches!(route, Route::Weft | Route::WeftL7) {
             Vec::new()
         } else {
             self.agent_pids.to_vec()
@@ -804,13 +875,14 @@ impl Bench {
         let started = Instant::now();
         let finished = run_bounded(
             Command::new("h2load")
-                .args(["--h1", "-c", "1", "--rps"])
+                .args(protocol_args)
+                .args(["-c", "1", "--rps"])
                 .arg(HTTP_RPS.to_string())
                 .arg("-D")
                 .arg(http_seconds().to_string())
                 .arg("--log-file")
                 .arg(&log)
-                .arg(format!("http://127.0.0.1:{}/1k", self.ports(route).http)),
+                .arg(format!("http://127.0.0.1:{port}/1k")),
             Duration::from_secs(http_seconds() + 30),
             &proxies,
             &self.dir,
@@ -824,7 +896,7 @@ impl Bench {
         let idle_cpu = idle_agents.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - idle_before;
         if !finished.success {
             bail!(
-                "h2load on {} failed: {}{}",
+                "h2load ({prefix}) on {} failed: {}{}",
                 route.label(),
                 finished.stdout,
                 finished.stderr
@@ -833,6 +905,22 @@ impl Bench {
         let succeeded = h2load_count(&finished.stdout, "succeeded").unwrap_or(0);
         let failed = h2load_count(&finished.stdout, "failed").unwrap_or(0)
             + h2load_count(&finished.stdout, "errored").unwrap_or(0);
+        if failed * 100 > succeeded + failed {
+            let agent_log = |name: &str| {
+                let log = std::fs::read_to_string(self.dir.join(format!("{name}.log")))
+                    .unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(20).collect();
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            };
+            bail!(
+                "h2load ({prefix}) on {}: {failed} of {} requests failed:\n{}\n--- agent a ---\n{}\n--- agent b ---\n{}",
+                route.label(),
+                succeeded + failed,
+                finished.stdout,
+                agent_log("a"),
+                agent_log("b")
+            );
+        }
         let mut us: Vec<f64> = std::fs::read_to_string(&log)
             .unwrap_or_default()
             .lines()
@@ -845,29 +933,73 @@ impl Bench {
             .collect();
         if us.len() < 100 {
             bail!(
-                "h2load on {} logged {} requests: {}",
+                "h2load ({prefix}) on {} logged {} requests: {}",
                 route.label(),
                 us.len(),
                 finished.stdout
             );
         }
         us.sort_by(f64::total_cmp);
-        results.add(route, "http_p50", percentile(&us, 0.50));
-        results.add(route, "http_p90", percentile(&us, 0.90));
-        results.add(route, "http_p99", percentile(&us, 0.99));
-        results.add(route, "http_rps", succeeded as f64 / http_seconds() as f64);
-        results.add(route, "http_failed", failed as f64);
-        if !idle_agents.is_empty() {
+        let metric = |name: &str| format!("{prefix}_{name}");
+        results.add(route, &metric("p50"), percentile(&us, 0.50));
+        results.add(route, &metric("p90"), percentile(&us, 0.90));
+        results.add(route, &metric("p99"), percentile(&us, 0.99));
+        results.add(
+            route,
+            &metric("rps"),
+            succeeded as f64 / http_seconds() as f64,
+        );
+        results.add(route, &metric("failed"), failed as f64);
+        if !idle_agents.is_empty() && version == HttpVersion::Http1 {
             // Both agents were idle (gossip only) during this run: their background cost.
             results.add(route, "agents_idle_cpu_pct", 100.0 * idle_cpu / wall);
         }
         if !proxies.is_empty() && succeeded > 0 {
             let per_1k = |s: f64| 1000.0 * s / (succeeded as f64 / 1000.0);
-            results.add(route, "cpu_1k_ms", per_1k(cpu.iter().sum()));
-            results.add(route, "cpu_1k_ms_client", per_1k(cpu[0]));
-            results.add(route, "cpu_1k_ms_server", per_1k(cpu[1]));
-            results.add(route, "rss_http_client", finished.max_rss_kb[0] as f64);
-            results.add(route, "rss_http_server", finished.max_rss_kb[1] as f64);
+            results.add(route, &metric("cpu_1k_ms"), per_1k(cpu.iter().sum()));
+            results.add(route, &metric("cpu_1k_ms_client"), per_1k(cpu[0]));
+            results.add(route, &metric("cpu_1k_ms_server"), per_1k(cpu[1]));
+            results.add(route, &metric("rss_client"), finished.max_rss_kb[0] as f64);
+            results.add(route, &metric("rss_server"), finished.max_rss_kb[1] as f64);
+        }
+        Ok(())
+    }
+
+    /// `wrk` over HTTP/1.1 as fast as it goes: requests per second, latency and failures.
+    fn wrk_run(&self, route: Route, results: &mut Results) -> anyhow::Result<()> {
+        let proxies = self.proxies(route);
+        let cpu_before: f64 = proxies.iter().map(|p| cpu_seconds(*p)).sum();
+        let seconds = if quick() { 2 } else { WRK_SECONDS };
+        let finished = run_bounded(
+            Command::new("wrk")
+                .args(["-t", "1", "--latency", "-c"])
+                .arg(WRK_CONNECTIONS.to_string())
+                .arg("-d")
+                .arg(format!("{seconds}s"))
+                .arg(format!("http://127.0.0.1:{}/1k", self.ports(route).http)),
+            Duration::from_secs(seconds + 30),
+            &proxies,
+            &self.dir,
+        )?;
+        let cpu = proxies.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - cpu_before;
+        let report = WrkReport::parse(&finished.stdout).with_context(|| {
+            format!(
+                "wrk on {}: {}{}",
+                route.label(),
+                finished.stdout,
+                finished.stderr
+            )
+        })?;
+        results.add(route, "wrk_rps", report.requests_per_second);
+        results.add(route, "wrk_p50", report.p50_us);
+        results.add(route, "wrk_p99", report.p99_us);
+        results.add(route, "wrk_failed", report.failed as f64);
+        if !proxies.is_empty() && report.requests > 0 {
+            results.add(
+                route,
+                "wrk_cpu_1k_ms",
+                1000.0 * cpu / (report.requests as f64 / 1000.0) / proxies.len() as f64,
+            );
         }
         Ok(())
     }
@@ -1222,9 +1354,20 @@ impl Results {
 
     /// Median over rounds of `f(weft, other)`, pairing values of the same round.
     fn paired(&self, metric: &str, other: Route, f: impl Fn(f64, f64) -> f64) -> f64 {
-        let weft = self.get(Route::Weft, metric);
+        self.paired_routes(Route::Weft, metric, other, f)
+    }
+
+    /// Median over rounds of `f(route, other)`, pairing values of the same round.
+    fn paired_routes(
+        &self,
+        route: Route,
+        metric: &str,
+        other: Route,
+        f: impl Fn(f64, f64) -> f64,
+    ) -> f64 {
+        let ours = self.get(route, metric);
         let base = self.get(other, metric);
-        let pairs: Vec<f64> = weft.iter().zip(base).map(|(w, b)| f(*w, *b)).collect();
+        let pairs: Vec<f64> = ours.iter().zip(base).map(|(w, b)| f(*w, *b)).collect();
         median(&pairs)
     }
 }
@@ -1353,7 +1496,7 @@ fn report(
         )
     };
     let cpu_target = |r: &Results| {
-        let per_proxy = r.median(Route::Weft, "cpu_1k_ms") / 2.0;
+        let per_proxy = r.median(Route::Weft, "http_cpu_1k_ms") / 2.0;
         format!(
             "anchor ztunnel {ANCHOR_CPU_MS_PER_1K_PER_PROXY:.0} ms per proxy: Weft {per_proxy:.0} ms per agent"
         )
@@ -1460,7 +1603,7 @@ fn report(
         },
         Row {
             figure: "proxy CPU per 1,000 requests, both proxies (ms)",
-            metric: "cpu_1k_ms",
+            metric: "http_cpu_1k_ms",
             digits: 0,
             has_direct: false,
             unit: "",
@@ -1469,7 +1612,7 @@ fn report(
         },
         Row {
             figure: "  client side / agent A (ms)",
-            metric: "cpu_1k_ms_client",
+            metric: "http_cpu_1k_ms_client",
             digits: 0,
             has_direct: false,
             unit: "",
@@ -1478,7 +1621,7 @@ fn report(
         },
         Row {
             figure: "  server side / agent B (ms)",
-            metric: "cpu_1k_ms_server",
+            metric: "http_cpu_1k_ms_server",
             digits: 0,
             has_direct: false,
             unit: "",
@@ -1557,10 +1700,10 @@ fn report(
     };
     out.push_str(&format!(
         "| RSS during the 1,000 rps run of round 1, before any bulk transfer (MB): client / A, server / B | – | {} / {} | {} / {} | – | – | |\n",
-        first(Route::Haproxy, "rss_http_client"),
-        first(Route::Haproxy, "rss_http_server"),
-        first(Route::Weft, "rss_http_client"),
-        first(Route::Weft, "rss_http_server"),
+        first(Route::Haproxy, "http_rss_client"),
+        first(Route::Haproxy, "http_rss_server"),
+        first(Route::Weft, "http_rss_client"),
+        first(Route::Weft, "http_rss_server"),
     ));
     let idle = bench.idle_rss_kb.map(|kb| mb(kb as f64));
     let after = results.after_rss_kb.map(|kb| mb(kb as f64));
@@ -1588,6 +1731,7 @@ fn report(
         peak[3],
     ));
 
+    out.push_str(&http_report(results));
     out.push_str(
         "\n### Where Weft's cost goes (diagnostics, same rounds)\n\n\
          The one-agent route is an `[[upstream]]` of agent B to its own service: the same \
@@ -1674,9 +1818,9 @@ fn report(
             if top.is_empty() { "–" } else { &top }
         ));
     }
-    let failed: f64 = Route::ALL
+    let failed: f64 = [Route::Direct, Route::Haproxy, Route::Weft, Route::WeftL7]
         .iter()
-        .flat_map(|r| results.get(*r, "http_failed").iter().copied())
+        .flat_map(|r| [results.get(*r, "http_failed"), results.get(*r, "h2_failed")].concat())
         .sum();
     out.push_str(&format!(
         "\nPercentages are of both cores over the round. \"Other processes\" is machine busy \
@@ -1709,4 +1853,275 @@ fn report(
         setup.as_secs_f64()
     ));
     out
+}
+
+/// The HTTP section: 1 KB over HTTP/1.1 and h2c at 1,000 requests/s, Weft relaying TCP (L4)
+/// and Weft handling each request (L7), against direct and the HAProxy pair.
+fn http_report(results: &Results) -> String {
+    let mut out = format!(
+        "\n### HTTP at 1,000 requests/s: L4 and L7\n\n\
+         `h2load -c 1 --rps {HTTP_RPS} -D {HTTP_SECONDS}` for a 1 KB file from nginx, over \
+         HTTP/1.1 (`--h1`) and over h2c (HTTP/2 with prior knowledge; nginx `listen … http2`). \
+         **Weft L4**: the web services are plain `tcp` services, the bytes are spliced through \
+         the tunnel as for any TCP service. **Weft L7**: the same nginx listeners registered as \
+         `protocol = \"http\"` / `\"http2\"`: agent A parses each request, picks the endpoint, \
+         counts it in the golden metrics and sends it as HTTP/2 over a tunnel stream; agent B \
+         delivers it to nginx (HTTP/1.1 keep-alive, or h2c). The HAProxy pair stays in TCP mode. \
+         CPU is utime + stime of each agent (or HAProxy) over the run, per 1,000 requests.\n\n\
+         | figure | direct | HAProxy pair | Weft L4 | Weft L7 | L7 added vs direct | L7 / HAProxy | target |\n\
+         |---|---|---|---|---|---|---|---|\n"
+    );
+    let routes = [Route::Direct, Route::Haproxy, Route::Weft, Route::WeftL7];
+    for (version, name) in [("http", "HTTP/1.1"), ("h2", "HTTP/2 (h2c)")] {
+        let metric = |m: &str| format!("{version}_{m}");
+        for (figure, m, digits) in [
+            ("p50 (µs)", "p50", 0),
+            ("p90 (µs)", "p90", 0),
+            ("p99 (µs)", "p99", 0),
+            ("requests served per second", "rps", 0),
+            (
+                "CPU per 1,000 requests, client side / agent A (ms)",
+                "cpu_1k_ms_client",
+                1,
+            ),
+            (
+                "CPU per 1,000 requests, server side / agent B (ms)",
+                "cpu_1k_ms_server",
+                1,
+            ),
+        ] {
+            let metric = metric(m);
+            let has_direct = !m.starts_with("cpu");
+            let cells: Vec<String> = routes
+                .iter()
+                .map(|r| cell(results.get(*r, &metric), digits))
+                .collect();
+            let added = if has_direct {
+                let a = results.paired_routes(Route::WeftL7, &metric, Route::Direct, |w, d| w - d);
+                format!("{a:+.digits$}")
+            } else {
+                "–".into()
+            };
+            let ratio = results.paired_routes(Route::WeftL7, &metric, Route::Haproxy, |w, h| w / h);
+            let target = match m {
+                "p99" => {
+                    let a =
+                        results.paired_routes(Route::WeftL7, &metric, Route::Direct, |w, d| w - d);
+                    format!(
+                        "added p99 ≤ {TARGET_ADDED_P99_US:.0} µs: {}",
+                        verdict(a <= TARGET_ADDED_P99_US)
+                    )
+                }
+                "cpu_1k_ms_client" | "cpu_1k_ms_server" => {
+                    let ms = results.median(Route::WeftL7, &metric);
+                    format!(
+                        "≤ {TARGET_L7_CPU_MS_PER_1K:.0} ms per agent: {}",
+                        verdict(ms <= TARGET_L7_CPU_MS_PER_1K)
+                    )
+                }
+                _ => String::new(),
+            };
+            out.push_str(&format!(
+                "| {name} {figure} | {} | {} | {} | {} | {added} | {ratio:.2}× | {target} |\n",
+                if has_direct { &cells[0] } else { "–" },
+                cells[1],
+                cells[2],
+                cells[3],
+            ));
+        }
+        let rss = |route: Route, side: &str| {
+            let values: Vec<f64> = results
+                .get(route, &metric(&format!("rss_{side}")))
+                .iter()
+                .map(|kb| mb(*kb))
+                .collect();
+            cell(&values, 1)
+        };
+        out.push_str(&format!(
+            "| {name} RSS during the run, client side / agent A (MB) | – | {} | {} | {} | – | – | |\n\
+             | {name} RSS during the run, server side / agent B (MB) | – | {} | {} | {} | – | – | |\n",
+            rss(Route::Haproxy, "client"),
+            rss(Route::Weft, "client"),
+            rss(Route::WeftL7, "client"),
+            rss(Route::Haproxy, "server"),
+            rss(Route::Weft, "server"),
+            rss(Route::WeftL7, "server"),
+        ));
+    }
+    out.push_str(&format!(
+        "\nAs fast as it goes: `wrk -t 1 -c {WRK_CONNECTIONS} -d {WRK_SECONDS}s --latency`, \
+         HTTP/1.1, the same 1 KB file (client, proxies and nginx share the two cores, so this \
+         measures the whole path's cost per request more than any one part's limit).\n\n\
+         | figure | direct | HAProxy pair | Weft L4 | Weft L7 | L7 / direct | L7 / HAProxy |\n\
+         |---|---|---|---|---|---|---|\n"
+    ));
+    for (figure, metric, digits) in [
+        ("requests per second", "wrk_rps", 0),
+        ("p50 (µs)", "wrk_p50", 0),
+        ("p99 (µs)", "wrk_p99", 0),
+        ("CPU per 1,000 requests, per proxy (ms)", "wrk_cpu_1k_ms", 1),
+        ("failed requests (non-2xx, socket errors)", "wrk_failed", 0),
+    ] {
+        let cells: Vec<String> = routes
+            .iter()
+            .map(|r| cell(results.get(*r, metric), digits))
+            .collect();
+        let ratio = |other: Route| {
+            let r = results.paired_routes(Route::WeftL7, metric, other, |w, b| w / b);
+            if r.is_finite() {
+                format!("{r:.2}×")
+            } else {
+                "–".into()
+            }
+        };
+        out.push_str(&format!(
+            "| {figure} | {} | {} | {} | {} | {} | {} |\n",
+            cells[0],
+            cells[1],
+            cells[2],
+            cells[3],
+            ratio(Route::Direct),
+            ratio(Route::Haproxy),
+        ));
+    }
+    out
+}
+
+/// What `wrk --latency` printed.
+struct WrkReport {
+    requests: u64,
+    requests_per_second: f64,
+    p50_us: f64,
+    p99_us: f64,
+    /// Non-2xx/3xx answers plus socket errors.
+    failed: u64,
+}
+
+impl WrkReport {
+    fn parse(stdout: &str) -> anyhow::Result<WrkReport> {
+        let after = |prefix: &str| {
+            stdout
+                .lines()
+                .map(str::trim)
+                .find_map(|l| l.strip_prefix(prefix))
+                .map(str::trim)
+        };
+        let duration_us = |text: &str| -> Option<f64> {
+            let split = text.find(|c: char| c.is_ascii_alphabetic())?;
+            let value: f64 = text[..split].parse().ok()?;
+            match &text[split..] {
+                "us" => Some(value),
+                "ms" => Some(value * 1e3),
+                "s" => Some(value * 1e6),
+                _ => None,
+            }
+        };
+        let requests = stdout
+            .lines()
+            .find(|l| l.contains("requests in"))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .context("no \"requests in\" line")?;
+        let requests_per_second = after("Requests/sec:")
+            .and_then(|v| v.parse().ok())
+            .context("no Requests/sec")?;
+        let p50_us = after("50%")
+            .and_then(duration_us)
+            .context("no 50% latency")?;
+        let p99_us = after("99%")
+            .and_then(duration_us)
+            .context("no 99% latency")?;
+        let non_2xx: u64 = after("Non-2xx or 3xx responses:")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        // "Socket errors: connect 0, read 0, write 0, timeout 0"
+        let socket_errors: u64 = after("Socket errors:")
+            .map(|v| {
+                v.split(',')
+                    .filter_map(|part| part.split_whitespace().last()?.parse::<u64>().ok())
+                    .sum()
+            })
+            .unwrap_or(0);
+        Ok(WrkReport {
+            requests,
+            requests_per_second,
+            p50_us,
+            p99_us,
+            failed: non_2xx + socket_errors,
+        })
+    }
+}
+
+/// Renders the plots (medians with min–max whiskers over the rounds) into `dir` (`img/` of the
+/// docs folder); returns the markdown that shows them.
+fn render_charts(results: &Results, dir: &Path) -> anyhow::Result<String> {
+    let spread = |route: Route, metric: &str, scale: f64| {
+        let values: Vec<f64> = results
+            .get(route, metric)
+            .iter()
+            .map(|v| v * scale)
+            .collect();
+        Spread::of(&values)
+    };
+    let bars = |routes: &[Route], metrics: &[&str], scale: f64| -> Vec<BarSeries> {
+        routes
+            .iter()
+            .map(|route| BarSeries {
+                name: route.label().to_string(),
+                values: metrics.iter().map(|m| spread(*route, m, scale)).collect(),
+            })
+            .collect()
+    };
+    let three = [Route::Direct, Route::Haproxy, Route::Weft];
+    let four = [Route::Direct, Route::Haproxy, Route::Weft, Route::WeftL7];
+    let charts = [
+        (
+            "dataplane-round-trip.png",
+            BarChart {
+                title: "1-byte TCP round trip".into(),
+                y_label: "µs".into(),
+                groups: vec!["p50".into(), "p90".into(), "p99".into()],
+                series: bars(&three, &["rtt_p50", "rtt_p90", "rtt_p99"], 1.0),
+            },
+        ),
+        (
+            "dataplane-http-latency.png",
+            BarChart {
+                title: format!(
+                    "1 KB over HTTP at {HTTP_RPS} requests/s (Weft L4: tcp service, L7: http)"
+                ),
+                y_label: "µs".into(),
+                groups: ["HTTP/1.1 p50", "HTTP/1.1 p99", "HTTP/2 p50", "HTTP/2 p99"]
+                    .map(String::from)
+                    .to_vec(),
+                series: bars(&four, &["http_p50", "http_p99", "h2_p50", "h2_p99"], 1.0),
+            },
+        ),
+        (
+            "dataplane-throughput.png",
+            BarChart {
+                title: "iperf3 throughput".into(),
+                y_label: "Gbit/s".into(),
+                groups: vec!["1 flow".into(), "8 flows".into()],
+                series: bars(&three, &["iperf_1", "iperf_8"], 1.0),
+            },
+        ),
+        (
+            "dataplane-http-max.png",
+            BarChart {
+                title: format!("HTTP/1.1 as fast as it goes (wrk, {WRK_CONNECTIONS} connections)"),
+                y_label: "thousand requests/s".into(),
+                groups: vec!["requests per second".into()],
+                series: bars(&four, &["wrk_rps"], 1e-3),
+            },
+        ),
+    ];
+    let mut markdown = String::from(
+        "\n### Plots\n\nMedian of the rounds, whiskers from the lowest to the highest round.\n\n",
+    );
+    for (file, chart) in charts {
+        chart.render_png(&dir.join(file))?;
+        markdown.push_str(&format!("![{}](img/{file})\n\n", chart.title));
+    }
+    Ok(markdown)
 }

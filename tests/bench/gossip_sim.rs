@@ -36,7 +36,6 @@
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -46,12 +45,15 @@ use async_trait::async_trait;
 use chitchat::transport::{ChannelTransport, RecvOutcome, SendOutcome, Socket, Transport};
 use chitchat::{Chitchat, ChitchatEnvelope, ChitchatId, ChitchatMessage, Serializable};
 use tokio::time::Instant;
+use weft_tests::bench_report;
 use weft_tests::gossip_sim::{
     AGENT_INTERVAL, CLUSTER_ID, Clock, GOSSIP_PORT, MAX_PAYLOAD, SEEDS, SimNode, SplitMix,
     WALL_BOUND, mem_available_gib, pool_memory_gib, release_memory, runtime, sim_addr, sim_name,
     spawn_nodes, stop_all, unix_ms,
 };
 
+/// This benchmark's section of `benchmarks.md`.
+const HEADING: &str = "Gossip at scale (in-process simulation)";
 /// Key the propagation phase publishes.
 const PROBE_KEY: &str = "bench:probe";
 /// chitchat's compressed-stream block size for digests (`DIGEST_BLOCK_THRESHOLD`).
@@ -143,10 +145,12 @@ fn main() -> anyhow::Result<()> {
         _ => sizes_env.is_none(),
     };
     if write_docs {
-        let path = docs_path();
-        write_section(&path, &report)
-            .with_context(|| format!("writing the gossip section of {}", path.display()))?;
-        eprintln!("gossip_sim: wrote {}", path.display());
+        bench_report::replace_section("benchmarks.md", HEADING, &report)
+            .context("writing the gossip section of benchmarks.md")?;
+        eprintln!(
+            "gossip_sim: wrote {}",
+            bench_report::docs_dir().join("benchmarks.md").display()
+        );
     } else {
         eprintln!(
             "gossip_sim: custom sizes, docs/benchmarks.md left alone (WEFT_SIM_DOCS=1 forces)"
@@ -975,7 +979,7 @@ fn render(
     elapsed: Duration,
 ) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "## Gossip at scale (in-process simulation)\n");
+    let _ = writeln!(s, "## {HEADING}\n");
     let _ = writeln!(
         s,
         "Command: `cargo bench -p weft-tests --bench gossip_sim` (`tests/bench/gossip_sim.rs`). \
@@ -1243,45 +1247,4 @@ fn render(
         num_max as f64 / numbered.map_or(1, |l| l.v0_max.max(1)) as f64,
     );
     s
-}
-
-/// `docs/benchmarks.md` at the workspace root.
-fn docs_path() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join("docs")
-        .join("benchmarks.md")
-}
-
-/// Replaces this benchmark's section of `path` (from its heading to the next `## ` heading),
-/// appending it if absent and creating the file if missing.
-fn write_section(path: &std::path::Path, section: &str) -> anyhow::Result<()> {
-    const HEADING: &str = "## Gossip at scale (in-process simulation)";
-    let existing = match std::fs::read_to_string(path) {
-        Ok(text) => text,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-            "# Weft benchmarks\n\nMeasurements of Weft against baselines, each produced by a \
-             benchmark in `tests/bench/` that rewrites its own section of this file; every \
-             section names the machine and the command that produced it.\n"
-                .to_string()
-        }
-        Err(error) => return Err(error).context("reading the existing file"),
-    };
-    let section = section.trim_end();
-    let updated = match existing.find(HEADING) {
-        Some(start) => {
-            let after = start + HEADING.len();
-            let end = existing[after..]
-                .find("\n## ")
-                .map_or(existing.len(), |offset| after + offset + 1);
-            let rest = &existing[end..];
-            let separator = if rest.is_empty() { "\n" } else { "\n\n" };
-            format!("{}{section}{separator}{rest}", &existing[..start])
-        }
-        None => format!("{}\n{section}\n", existing.trim_end().to_string() + "\n"),
-    };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).context("creating docs/")?;
-    }
-    std::fs::write(path, updated).context("writing the file")
 }

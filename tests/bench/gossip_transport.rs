@@ -42,7 +42,7 @@ fn main() -> anyhow::Result<()> {
     report.push_str(&runtime.block_on(cluster_section())?);
     print!("{report}");
     bench_report::write_section(
-        "docs/benchmarks.md",
+        "benchmarks.md",
         "Gossip transport: sealed vs stock chitchat UDP",
         "cargo bench -p weft-tests --bench gossip_transport",
         &report,

@@ -214,7 +214,7 @@ fn main() -> anyhow::Result<()> {
     };
     if write {
         bench_report::write_section(
-            "docs/benchmarks.md",
+            "benchmarks.md",
             "Policy",
             "cargo bench -p weft-tests --bench policy",
             &report,

@@ -1054,7 +1054,8 @@ pub fn write_docs() -> Result<()> {
             doc.push_str(&format!("- {}\n", s(d)));
         }
     }
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/reliability.md");
+    let path = crate::bench_report::docs_dir().join("reliability.md");
+    std::fs::create_dir_all(crate::bench_report::docs_dir())?;
     std::fs::write(&path, doc)?;
     println!("wrote {}", path.display());
     Ok(())
