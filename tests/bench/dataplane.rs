@@ -19,7 +19,7 @@
 //! Servers: an echo server (a thread per connection in this process), nginx-light (one
 //! process, 1 KB file, HTTP/1.1 and h2c) and `iperf3 -s`. Load: a Rust 1-byte echo client on
 //! one persistent connection per route (round trip), 300 fresh connections per route (connect
-//! + first byte), both with the routes taking turns in chunks; h2load `-c 1 --rps 1000 -D 10`
+//! and first byte), both with the routes taking turns in chunks; h2load `-c 1 --rps 1000 -D 10`
 //! over HTTP/1.1 and h2c (1 KB at a fixed 1,000 requests/s, percentiles from `--log-file`);
 //! `wrk -t 1 -c 8` for 5 s (HTTP/1.1 as fast as it goes); iperf3 10 s with 1 and 8 flows.
 //! Agent and HAProxy CPU comes from `/proc/PID/stat` (utime + stime) around each run, memory

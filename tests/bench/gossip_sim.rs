@@ -46,6 +46,7 @@ use chitchat::transport::{ChannelTransport, RecvOutcome, SendOutcome, Socket, Tr
 use chitchat::{Chitchat, ChitchatEnvelope, ChitchatId, ChitchatMessage, Serializable};
 use tokio::time::Instant;
 use weft_tests::bench_report;
+use weft_tests::charts::{LineChart, LineSeries};
 use weft_tests::gossip_sim::{
     AGENT_INTERVAL, CLUSTER_ID, Clock, GOSSIP_PORT, MAX_PAYLOAD, SEEDS, SimNode, SplitMix,
     WALL_BOUND, mem_available_gib, pool_memory_gib, release_memory, runtime, sim_addr, sim_name,
@@ -128,7 +129,7 @@ fn main() -> anyhow::Result<()> {
     eprintln!("gossip_sim: stall demo done: {stall:?}");
 
     let elapsed = started.elapsed();
-    let report = render(
+    let mut report = render(
         &machine,
         &results,
         &skipped,
@@ -145,6 +146,7 @@ fn main() -> anyhow::Result<()> {
         _ => sizes_env.is_none(),
     };
     if write_docs {
+        report.push_str(&render_chart(&results)?);
         bench_report::replace_section("benchmarks.md", HEADING, &report)
             .context("writing the gossip section of benchmarks.md")?;
         eprintln!(
@@ -1247,4 +1249,39 @@ fn render(
         num_max as f64 / numbered.map_or(1, |l| l.v0_max.max(1)) as f64,
     );
     s
+}
+
+/// Draws convergence, propagation and detection times against pool size (simulated clock)
+/// into `img/gossip-scale.png` of the docs folder; returns the markdown that shows it.
+fn render_chart(results: &[SimResult]) -> anyhow::Result<String> {
+    let simulated: Vec<&SimResult> = results
+        .iter()
+        .filter(|r| matches!(r.clock, Clock::Simulated))
+        .collect();
+    let line = |name: &str, time: fn(&SimResult) -> Option<Duration>| LineSeries {
+        name: name.to_string(),
+        points: simulated
+            .iter()
+            .filter_map(|r| Some((r.n as f64, time(r)?.as_secs_f64())))
+            .collect(),
+    };
+    let mut chart = LineChart {
+        title: "One gossip pool, 500 ms interval (simulated clock)".into(),
+        x_label: "members".into(),
+        y_label: "seconds".into(),
+        log_x: true,
+        series: vec![
+            line("startup: every member sees all", |r| r.converge.p100),
+            line("a new key reaches 99 %", |r| r.propagate.p99),
+            line("a stopped member is dropped by 99 %", |r| r.detect.p99),
+        ],
+    };
+    // A bound that was hit leaves no time to draw; the tables say so.
+    chart.series.retain(|s| !s.points.is_empty());
+    if chart.series.is_empty() {
+        return Ok(String::new());
+    }
+    let file = "gossip-scale.png";
+    chart.render_png(&bench_report::charts_dir().join(file))?;
+    Ok(format!("\n![{}](img/{file})\n", chart.title))
 }
