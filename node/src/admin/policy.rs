@@ -1,6 +1,7 @@
 //! The policy side of the admin API: offering a signed bundle, showing the one in force,
 //! each member's version, and explaining a decision (`weft why`).
 
+use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
 use bytes::Bytes;
@@ -16,12 +17,12 @@ use super::api::{
 };
 use super::server::{json, text_owned};
 use crate::agent::Shared;
-use crate::agent::policy::Offered;
+use crate::agent::policy::{Offered, offer_off_runtime};
 use crate::policy::bundle::MAX_BUNDLE_BYTES;
 use crate::policy::engine::{HttpRequest, Request as Question};
 
 /// `POST /v1/policy`: offers the signed bundle in the body.
-pub async fn offer(shared: &Shared, request: Request<Incoming>) -> Response<Full<Bytes>> {
+pub async fn offer(shared: Arc<Shared>, request: Request<Incoming>) -> Response<Full<Bytes>> {
     let body = match Limited::new(request.into_body(), MAX_BUNDLE_BYTES)
         .collect()
         .await
@@ -34,9 +35,12 @@ pub async fn offer(shared: &Shared, request: Request<Incoming>) -> Response<Full
             );
         }
     };
-    match shared
-        .policy
-        .offer(&body, "the admin socket (weft policy apply)")
+    match offer_off_runtime(
+        shared,
+        body,
+        "the admin socket (weft policy apply)".to_string(),
+    )
+    .await
     {
         Ok(Offered::Applied { version }) => json(&PolicyApplied {
             result: "applied".into(),

@@ -124,7 +124,7 @@ where
                     && request.method() == Method::POST
                     && request.uri().path() == paths::POLICY
                 {
-                    policy::offer(shared, request).await
+                    policy::offer(shared.clone(), request).await
                 } else if surface == Surface::Socket
                     && request.method() == Method::GET
                     && request.uri().path() == paths::STAT

@@ -194,6 +194,21 @@ pub struct PolicyStore {
     changed: watch::Sender<u64>,
 }
 
+/// [`PolicyStore::offer`] on tokio's blocking pool: verifying and compiling a large set takes
+/// long (about 2 s for 1,000 TrafficTargets on one core) and must not hold up a runtime
+/// thread that carries traffic.
+pub async fn offer_off_runtime(
+    shared: Arc<super::Shared>,
+    bytes: impl AsRef<[u8]> + Send + 'static,
+    origin: String,
+) -> Result<Offered, OfferError> {
+    match tokio::task::spawn_blocking(move || shared.policy.offer(bytes.as_ref(), &origin)).await
+    {
+        Ok(result) => result,
+        Err(join) => std::panic::resume_unwind(join.into_panic()),
+    }
+}
+
 impl PolicyStore {
     /// Loads the persisted bundle from `data_dir`, if any.
     pub fn load(

@@ -20,7 +20,7 @@ use weft_ca::Usage;
 use weft_discovery::MemberState;
 
 use super::Shared;
-use super::policy::OfferError;
+use super::policy::{OfferError, offer_off_runtime};
 use crate::policy::bundle::MAX_BUNDLE_BYTES;
 use crate::proxy::ProxyContext;
 use crate::proxy::tunnel::peer_node;
@@ -72,7 +72,13 @@ pub async fn run(proxy: Arc<ProxyContext>, mut stop: watch::Receiver<bool>) {
                 Ok(Ok(bytes)) if bytes.is_empty() => {
                     debug!(peer = %name, "peer advertised a policy but served none");
                 }
-                Ok(Ok(bytes)) => match shared.policy.offer(&bytes, &format!("peer {name}")) {
+                Ok(Ok(bytes)) => match offer_off_runtime(
+                    shared.clone(),
+                    bytes,
+                    format!("peer {name}"),
+                )
+                .await
+                {
                     Ok(_) => {
                         fetched = true;
                         break;
