@@ -14,7 +14,11 @@ use crate::config::Config;
 /// Runs the agent until SIGTERM or SIGINT; SIGHUP reloads.
 pub(super) fn run(config_path: &Path) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
-    let runtime = tokio::runtime::Runtime::new().context("failed to start the async runtime")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.node.worker_threads)
+        .enable_all()
+        .build()
+        .context("failed to start the async runtime")?;
     runtime.block_on(async move {
         let log = crate::telemetry::init(&config.log.level, config.log.format);
         let mut hangup = signal(SignalKind::hangup())?;

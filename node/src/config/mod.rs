@@ -79,6 +79,8 @@ pub struct NodeConfig {
     pub labels: BTreeMap<String, String>,
     /// How long in-flight connections may run after SIGTERM before they are cut.
     pub drain_timeout: Duration,
+    /// Threads of the agent's async runtime.
+    pub worker_threads: usize,
 }
 
 /// `[gossip]`: membership and discovery.
@@ -353,6 +355,13 @@ fn default_http_proxy() -> String {
     "127.0.0.1:7481".into()
 }
 
+/// Most runtime threads `node.worker_threads` accepts.
+const MAX_WORKER_THREADS: usize = 64;
+
+/// One runtime thread: per request, a second thread costs more in wake-ups between threads
+/// than it adds (docs/benchmarks.md); busy hosts and CA hosts of large fleets raise it.
+const DEFAULT_WORKER_THREADS: usize = 1;
+
 fn default_drain_timeout() -> Duration {
     Duration::from_secs(30)
 }
@@ -403,6 +412,7 @@ struct RawNode {
     labels: BTreeMap<String, String>,
     #[serde(default = "default_drain_timeout", deserialize_with = "duration")]
     drain_timeout: Duration,
+    worker_threads: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -695,6 +705,16 @@ impl RawConfig {
             check_name("label", label)
                 .map_err(|m| source.error_at(KeyPath::parse(&format!("node.labels.{label}")), m))?;
         }
+        let worker_threads = match self.node.worker_threads {
+            None => DEFAULT_WORKER_THREADS,
+            Some(n) if (1..=MAX_WORKER_THREADS).contains(&n) => n,
+            Some(n) => {
+                return Err(source.error_at(
+                    KeyPath::parse("node.worker_threads"),
+                    format!("{n} is not between 1 and {MAX_WORKER_THREADS}"),
+                ));
+            }
+        };
 
         let gossip_advertise =
             advertise_for(source, "gossip", self.gossip.bind, self.gossip.advertise)?;
@@ -895,6 +915,7 @@ impl RawConfig {
                 data_dir: self.node.data_dir,
                 labels: self.node.labels,
                 drain_timeout: self.node.drain_timeout,
+                worker_threads,
             },
             gossip: GossipConfig {
                 bind: self.gossip.bind,

@@ -187,6 +187,19 @@ fn bad_duration_and_bad_check_are_refused() {
 }
 
 #[test]
+fn worker_threads_default_to_one_and_are_bounded() {
+    let config = parse(GOOD).expect("good config");
+    assert_eq!(config.node.worker_threads, 1);
+    let four = parse(&GOOD.replace("labels = {", "worker_threads = 4\nlabels = {")).expect("4");
+    assert_eq!(four.node.worker_threads, 4);
+    let msg = error(&GOOD.replace("labels = {", "worker_threads = 0\nlabels = {"));
+    assert!(
+        msg.starts_with("/etc/weft/weft.toml:6: node.worker_threads: 0 is not between 1 and 64"),
+        "{msg}"
+    );
+}
+
+#[test]
 fn bad_names_seeds_and_protocols_are_refused() {
     let msg = error(&GOOD.replace("name = \"api\"", "name = \"API!\""));
     assert!(
