@@ -81,6 +81,14 @@ fn quick() -> bool {
     std::env::var_os("WEFT_BENCH_QUICK").is_some()
 }
 
+/// `WEFT_BENCH_WORKER_THREADS=N`: the agents run with `node.worker_threads = N` (default:
+/// the agent's default).
+fn worker_threads() -> Option<usize> {
+    std::env::var("WEFT_BENCH_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+}
+
 fn rounds() -> usize {
     if quick() { 1 } else { ROUNDS }
 }
@@ -480,6 +488,9 @@ struct Bench {
     nginx: Nginx,
     /// (HAProxy client side, server side, agent A, agent B) idle RSS in kB, after one probe.
     idle_rss_kb: [u64; 4],
+    /// The part of it that is the process's own memory (`RssAnon`: heap, stacks), not pages of
+    /// its executable and libraries (`RssFile`, shared and reclaimable), kB.
+    idle_anon_kb: [u64; 4],
     /// Every process started, killed by PID when dropped.
     background: Vec<Background>,
 }
@@ -633,12 +644,17 @@ impl Bench {
             weft.echo, weft.http, weft.h2, weft_l7.http, weft_l7.h2, weft.iperf
         );
         let mut agent_pids = [0; 2];
+        let node_keys = match worker_threads() {
+            Some(n) => format!("[node]\nworker_threads = {n}\n"),
+            None => "[node]\n".into(),
+        };
         for (i, spec) in [a, b].into_iter().enumerate() {
             let config = dir.join(format!("{}.toml", spec.name));
             std::fs::write(
                 &config,
                 spec.config_text(dir)
-                    .replace("level = \"info,weft_discovery=debug\"", "level = \"info\""),
+                    .replace("level = \"info,weft_discovery=debug\"", "level = \"info\"")
+                    .replace("[node]\n", &node_keys),
             )?;
             let agent = Background::spawn(
                 if i == 0 {
@@ -690,13 +706,14 @@ impl Bench {
             }
         }
         std::thread::sleep(Duration::from_secs(2));
-        let rss = |pid| status_kb(pid, "VmRSS").unwrap_or(0);
-        let idle_rss_kb = [
-            rss(haproxy_pids[0]),
-            rss(haproxy_pids[1]),
-            rss(agent_pids[0]),
-            rss(agent_pids[1]),
+        let proxies = [
+            haproxy_pids[0],
+            haproxy_pids[1],
+            agent_pids[0],
+            agent_pids[1],
         ];
+        let idle_rss_kb = proxies.map(|pid| status_kb(pid, "VmRSS").unwrap_or(0));
+        let idle_anon_kb = proxies.map(|pid| status_kb(pid, "RssAnon").unwrap_or(0));
 
         let versions = [
             first_line("haproxy", &["-v"]),
@@ -718,6 +735,7 @@ impl Bench {
             agent_pids,
             nginx,
             idle_rss_kb,
+            idle_anon_kb,
             background,
         })
     }
@@ -1677,7 +1695,9 @@ fn report(
          Each cell: median of {ROUNDS} interleaved rounds (the order of the routes rotates each \
          round), range in brackets. \"Added\" is the median over rounds of Weft − direct in the \
          same round; the ratio is the median of Weft / HAProxy.\n\n\
-         Tools: {}. Load average at start: {}.\n\n",
+         Agents' runtime threads (`node.worker_threads`): {}. Tools: {}. Load average at \
+         start: {}.\n\n",
+        worker_threads().map_or_else(|| "the default".to_string(), |n| n.to_string()),
         bench.versions,
         load.split_whitespace()
             .take(3)
@@ -1706,12 +1726,14 @@ fn report(
         first(Route::Weft, "http_rss_server"),
     ));
     let idle = bench.idle_rss_kb.map(|kb| mb(kb as f64));
+    let anon = bench.idle_anon_kb.map(|kb| mb(kb as f64));
     let after = results.after_rss_kb.map(|kb| mb(kb as f64));
     let peak = results.peak_rss_kb.map(|kb| mb(kb as f64));
     let idle_met = idle[2] <= TARGET_IDLE_RSS_MB && idle[3] <= TARGET_IDLE_RSS_MB;
     out.push_str(&format!(
         "| RSS idle, tunnel open (MB): client side / agent A | – | {:.1} | {:.1} | – | {:.2}× | ≤ {TARGET_IDLE_RSS_MB:.0} MB: {} |\n\
          | RSS idle, tunnel open (MB): server side / agent B | – | {:.1} | {:.1} | – | {:.2}× | (agent B is also the CA host) |\n\
+         | of which the process's own memory (RssAnon, MB): client / A, server / B | – | {:.1} / {:.1} | {:.1} / {:.1} | – | – | the rest is pages of the executable and libraries (RssFile) |\n\
          | RSS idle after all rounds (MB): client / A, server / B | – | {:.1} / {:.1} | {:.1} / {:.1} | – | – | |\n\
          | peak RSS, VmHWM (MB): client / A, server / B | – | {:.1} / {:.1} | {:.1} / {:.1} | – | – | |\n",
         idle[0],
@@ -1721,6 +1743,10 @@ fn report(
         idle[1],
         idle[3],
         idle[3] / idle[1],
+        anon[0],
+        anon[1],
+        anon[2],
+        anon[3],
         after[0],
         after[1],
         after[2],
@@ -1778,7 +1804,8 @@ fn report(
          - Added p99 at 1,000 rps ≤ {:.1} ms: {:+.3} ms, {}.\n\
          - Throughput at least the HAProxy pair's: 1 flow {:.2}×, 8 flows {:.2}×, {}.\n\
          - Idle RSS ≤ {TARGET_IDLE_RSS_MB:.0} MB per agent: A {:.1} MB, B {:.1} MB, {} before \
-         any load; idle again after the rounds: A {:.1} MB, B {:.1} MB, {}.\n",
+         any load (of which the agents' own memory: A {:.1} MB, B {:.1} MB; the rest is pages of \
+         the executable and libraries); idle again after the rounds: A {:.1} MB, B {:.1} MB, {}.\n",
         rtt_added,
         verdict(rtt_added <= TARGET_ADDED_RTT_US),
         TARGET_ADDED_P99_US / 1000.0,
@@ -1794,6 +1821,8 @@ fn report(
         idle[2],
         idle[3],
         verdict(idle_met),
+        anon[2],
+        anon[3],
         after[2],
         after[3],
         verdict(after[2] <= TARGET_IDLE_RSS_MB && after[3] <= TARGET_IDLE_RSS_MB),
@@ -1929,17 +1958,18 @@ fn http_report(results: &Results) -> String {
                 cells[3],
             ));
         }
+        // A process's RSS does not shrink after the bulk transfers of a round, so only round
+        // 1, whose HTTP runs come before any, shows what HTTP costs; the same agents carry
+        // L4 and L7.
         let rss = |route: Route, side: &str| {
-            let values: Vec<f64> = results
+            results
                 .get(route, &metric(&format!("rss_{side}")))
-                .iter()
-                .map(|kb| mb(*kb))
-                .collect();
-            cell(&values, 1)
+                .first()
+                .map_or_else(|| "–".into(), |kb| format!("{:.1}", mb(*kb)))
         };
         out.push_str(&format!(
-            "| {name} RSS during the run, client side / agent A (MB) | – | {} | {} | {} | – | – | |\n\
-             | {name} RSS during the run, server side / agent B (MB) | – | {} | {} | {} | – | – | |\n",
+            "| {name} RSS during the run of round 1 (before any bulk transfer), client side / agent A (MB) | – | {} | {} | {} | – | – | |\n\
+             | {name} RSS during the run of round 1 (before any bulk transfer), server side / agent B (MB) | – | {} | {} | {} | – | – | |\n",
             rss(Route::Haproxy, "client"),
             rss(Route::Weft, "client"),
             rss(Route::WeftL7, "client"),
@@ -2067,7 +2097,11 @@ fn render_charts(results: &Results, dir: &Path) -> anyhow::Result<String> {
         routes
             .iter()
             .map(|route| BarSeries {
-                name: route.label().to_string(),
+                // Next to Weft L7, the spliced route is Weft L4.
+                name: match (route, routes.contains(&Route::WeftL7)) {
+                    (Route::Weft, true) => "Weft L4".to_string(),
+                    _ => route.label().to_string(),
+                },
                 values: metrics.iter().map(|m| spread(*route, m, scale)).collect(),
             })
             .collect()

@@ -31,6 +31,12 @@ const PALETTE: [RGBColor; 6] = [
     RGBColor(140, 86, 75),   // brown
 ];
 
+/// Whether `v`'s leading digit is 1, 2 or 5 (and the rest zeros), e.g. 200 or 0.5.
+fn leads_with_1_2_or_5(v: f64) -> bool {
+    let lead = v / 10f64.powf(v.log10().floor());
+    [1.0, 2.0, 5.0].iter().any(|d| (lead - d).abs() < 1e-6)
+}
+
 /// A figure with its spread over repeated rounds.
 #[derive(Clone, Copy, Debug)]
 pub struct Spread {
@@ -221,7 +227,14 @@ impl LineChart {
             .configure_mesh()
             .x_desc(&self.x_label)
             .y_desc(&self.y_label)
-            .x_label_formatter(&|v| pretty_print_float(*v, false))
+            .x_label_formatter(&|v| {
+                // A log axis ticks every 1..9 of a decade: label 1, 2 and 5 only.
+                if self.log_x && !leads_with_1_2_or_5(*v) {
+                    String::new()
+                } else {
+                    pretty_print_float(*v, false)
+                }
+            })
             .y_label_formatter(&|v| pretty_print_float(*v, false))
             .label_style(label_style())
             .light_line_style(BLACK.mix(0.04))
