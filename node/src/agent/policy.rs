@@ -202,8 +202,7 @@ pub async fn offer_off_runtime(
     bytes: impl AsRef<[u8]> + Send + 'static,
     origin: String,
 ) -> Result<Offered, OfferError> {
-    match tokio::task::spawn_blocking(move || shared.policy.offer(bytes.as_ref(), &origin)).await
-    {
+    match tokio::task::spawn_blocking(move || shared.policy.offer(bytes.as_ref(), &origin)).await {
         Ok(result) => result,
         Err(join) => std::panic::resume_unwind(join.into_panic()),
     }

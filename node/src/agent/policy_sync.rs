@@ -72,24 +72,20 @@ pub async fn run(proxy: Arc<ProxyContext>, mut stop: watch::Receiver<bool>) {
                 Ok(Ok(bytes)) if bytes.is_empty() => {
                     debug!(peer = %name, "peer advertised a policy but served none");
                 }
-                Ok(Ok(bytes)) => match offer_off_runtime(
-                    shared.clone(),
-                    bytes,
-                    format!("peer {name}"),
-                )
-                .await
-                {
-                    Ok(_) => {
-                        fetched = true;
-                        break;
+                Ok(Ok(bytes)) => {
+                    match offer_off_runtime(shared.clone(), bytes, format!("peer {name}")).await {
+                        Ok(_) => {
+                            fetched = true;
+                            break;
+                        }
+                        // Someone else's newer bundle arrived meanwhile: nothing to do.
+                        Err(OfferError::Older { .. }) => {
+                            fetched = true;
+                            break;
+                        }
+                        Err(_) => {} // refused and counted by the store; try the next peer
                     }
-                    // Someone else's newer bundle arrived meanwhile: nothing to do.
-                    Err(OfferError::Older { .. }) => {
-                        fetched = true;
-                        break;
-                    }
-                    Err(_) => {} // refused and counted by the store; try the next peer
-                },
+                }
                 Ok(Err(reason)) => {
                     debug!(peer = %name, version, %reason, "policy fetch failed");
                 }
