@@ -78,14 +78,6 @@ fn agent_metric(agent: &TestAgent, name: &str, labels: &[(&str, &str)]) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-fn policy_version(agent: &TestAgent) -> u64 {
-    agent
-        .cli_json(&["policy", "get"])
-        .ok()
-        .and_then(|v| v["version"].as_u64())
-        .unwrap_or(0)
-}
-
 /// Applies `text` with the real CLI on a1 and waits until every agent holds the version it
 /// published; returns it.
 fn apply(cluster: &Cluster, name: &str, text: &str) -> u64 {
@@ -103,13 +95,13 @@ fn apply(cluster: &Cluster, name: &str, text: &str) -> u64 {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    let version = policy_version(a1);
+    let version = a1.policy_version();
     assert!(version > 0, "no policy version after apply");
     let reached = wait_until(Duration::from_secs(10), || {
         cluster
             .agents
             .iter()
-            .all(|agent| policy_version(agent) == version)
+            .all(|agent| agent.policy_version() == version)
     });
     assert!(
         reached.is_some(),

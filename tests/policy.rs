@@ -199,11 +199,11 @@ fn apply(mesh: &Mesh, name: &str, text: &str) -> u64 {
         Some(mesh.cluster.pki.operator_dir()),
     );
     assert!(out.status.success(), "apply failed: {}", output_text(&out));
-    let version = policy_version(a1);
+    let version = a1.policy_version();
     assert!(version > 0);
     // Enforcement happens at a2: wait for it there.
     let reached = wait_until(Duration::from_secs(5), || {
-        policy_version(&mesh.cluster.agents[1]) == version
+        mesh.cluster.agents[1].policy_version() == version
     });
     assert!(
         reached.is_some(),
@@ -211,14 +211,6 @@ fn apply(mesh: &Mesh, name: &str, text: &str) -> u64 {
         mesh.cluster.logs()
     );
     version
-}
-
-fn policy_version(agent: &TestAgent) -> u64 {
-    agent
-        .cli_json(&["policy", "get"])
-        .ok()
-        .and_then(|v| v["version"].as_u64())
-        .unwrap_or(0)
 }
 
 #[test]
@@ -455,7 +447,7 @@ fn refused_bundles_leave_the_last_good_set(mesh: &Mesh, last: u64) {
         "{}",
         output_text(&out)
     );
-    assert_eq!(policy_version(a1), last);
+    assert_eq!(a1.policy_version(), last);
 }
 
 /// With every peer gone, a restarted agent enforces the bundle it persisted.
@@ -465,7 +457,7 @@ fn restart_without_peers_enforces_the_persisted_bundle(mut mesh: Mesh, last: u64
     }
     let a2 = &mut mesh.cluster.agents[1];
     a2.restart().expect("restart a2");
-    let back = wait_until(Duration::from_secs(10), || policy_version(a2) == last);
+    let back = wait_until(Duration::from_secs(10), || a2.policy_version() == last);
     assert!(
         back.is_some(),
         "a2 did not load the persisted bundle\n{}",

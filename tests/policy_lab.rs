@@ -12,14 +12,6 @@ use weft_tests::lab::Lab;
 
 const HOSTS: usize = 5;
 
-fn policy_version(agent: &TestAgent) -> u64 {
-    agent
-        .cli_json(&["policy", "get"])
-        .ok()
-        .and_then(|v| v["version"].as_u64())
-        .unwrap_or(0)
-}
-
 /// A policy set that denies by default and lets `orders` reach `api` on port `port`.
 fn policy(dir: &Path, name: &str, port: u16) -> String {
     let text = format!(
@@ -66,12 +58,12 @@ fn policies_reach_every_host_heal_after_partitions_and_survive_restarts() {
             "apply on h{host}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        policy_version(&agents[host - 1])
+        agents[host - 1].policy_version()
     };
     let started = Instant::now();
     let first = apply(&agents, 3, "first", 8080);
     let everywhere = wait_until(Duration::from_secs(10), || {
-        agents.iter().all(|a| policy_version(a) == first)
+        agents.iter().all(|a| a.policy_version() == first)
     })
     .map(|_| started.elapsed())
     .unwrap_or_else(|| panic!("policy {first} not on every host\n{}", logs(&agents)));
@@ -86,18 +78,18 @@ fn policies_reach_every_host_heal_after_partitions_and_survive_restarts() {
     let second = apply(&agents, 1, "second", 9090);
     assert!(second > first);
     let four = wait_until(Duration::from_secs(10), || {
-        agents[..4].iter().all(|a| policy_version(a) == second)
+        agents[..4].iter().all(|a| a.policy_version() == second)
     });
     assert!(
         four.is_some(),
         "the connected hosts did not converge\n{}",
         logs(&agents)
     );
-    assert_eq!(policy_version(&agents[4]), first, "h5 is partitioned");
+    assert_eq!(agents[4].policy_version(), first, "h5 is partitioned");
     lab.heal(5).unwrap();
     let healed_at = Instant::now();
     let healed = wait_until(Duration::from_secs(20), || {
-        policy_version(&agents[4]) == second
+        agents[4].policy_version() == second
     })
     .map(|_| healed_at.elapsed())
     .unwrap_or_else(|| panic!("h5 did not converge after heal\n{}", logs(&agents)));
@@ -117,7 +109,7 @@ fn policies_reach_every_host_heal_after_partitions_and_survive_restarts() {
     lab.partition(5).unwrap();
     agents[4].restart().expect("restart h5");
     let loaded = wait_until(Duration::from_secs(10), || {
-        policy_version(&agents[4]) == second
+        agents[4].policy_version() == second
     });
     assert!(
         loaded.is_some(),

@@ -106,36 +106,26 @@ fn start_mesh(port: u16, db_upstream: u16) -> Cluster {
 
 /// One HTTP/1.1 exchange over raw TCP through the `db` upstream listener; returns the status.
 fn get_through_upstream(port: u16) -> u16 {
-    let exchange = || -> std::io::Result<u16> {
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        write!(
-            stream,
-            "GET /ok HTTP/1.1\r\nHost: db\r\nConnection: close\r\n\r\n"
-        )?;
-        let mut answer = Vec::new();
-        stream.read_to_end(&mut answer)?;
-        Ok(String::from_utf8_lossy(&answer)
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0))
-    };
-    exchange().unwrap_or(0)
+    status_of(port, "GET /ok HTTP/1.1\r\nHost: db")
 }
 
 /// One `GET http://web.weft{path}` through `agent`'s HTTP proxy, on a new connection;
 /// returns the status (0 if the exchange failed).
 fn get(agent: &TestAgent, path: &str) -> u16 {
+    status_of(
+        agent.spec.http_proxy_port,
+        &format!("GET http://web.weft{path} HTTP/1.1\r\nHost: web.weft"),
+    )
+}
+
+/// Sends `head` (request line and headers, without the closing blank line) to 127.0.0.1:`port`
+/// on a new connection; returns the answer's status (0 if the exchange failed).
+fn status_of(port: u16, head: &str) -> u16 {
     let exchange = || -> std::io::Result<u16> {
-        let addr = SocketAddr::from(([127, 0, 0, 1], agent.spec.http_proxy_port));
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        write!(
-            stream,
-            "GET http://web.weft{path} HTTP/1.1\r\nHost: web.weft\r\nConnection: close\r\n\r\n"
-        )?;
+        write!(stream, "{head}\r\nConnection: close\r\n\r\n")?;
         let mut answer = Vec::new();
         stream.read_to_end(&mut answer)?;
         Ok(String::from_utf8_lossy(&answer)

@@ -355,6 +355,14 @@ impl TestAgent {
         command.output().expect("run weft")
     }
 
+    /// The policy version in force (`weft policy get`), 0 when none or unreadable.
+    pub fn policy_version(&self) -> u64 {
+        self.cli_json(&["policy", "get"])
+            .ok()
+            .and_then(|v| v["version"].as_u64())
+            .unwrap_or(0)
+    }
+
     /// Runs a read command of the real CLI with `--json` against this agent.
     pub fn cli_json(&self, args: &[&str]) -> anyhow::Result<Value> {
         let out = Command::new(weft_bin())
