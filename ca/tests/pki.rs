@@ -78,6 +78,15 @@ fn init_writes_the_fixed_files_with_private_keys_0600() {
             .roots(),
         out.bundle.roots()
     );
+    // The JSON form is not a PEM trust bundle: the error names the file and what is expected.
+    let wrong = dir.path().join("bundle.json");
+    let refused = TrustBundle::load_pem(td("prod.example.com"), &wrong)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains(&wrong.display().to_string()) && refused.contains("expected PEM"),
+        "{refused}"
+    );
 }
 
 #[test]
