@@ -1,15 +1,20 @@
 //! Identities across real agent processes on 127.0.0.1: three CA hosts and three agents get
 //! node and service SVIDs; renewals fail over when a CA host dies; with every CA host down the
 //! agents keep what they hold (and stay ready) while renewal errors are counted; renewals
-//! resume when a CA host returns; a restarted agent needs no token. Times are printed.
+//! resume when a CA host returns; a restarted agent needs no token; a CA host's node scope
+//! follows services added by restart or SIGHUP. Times are printed.
 
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use serde_json::Value;
 use weft_tests::agent::{
-    AgentSpec, Pki, TOKEN_SCOPE, TestAgent, gossip_keygen, wait_until, write_keyring,
+    AgentSpec, Cluster, Pki, TOKEN_SCOPE, TestAgent, free_port, gossip_keygen, http_get,
+    service_table, take_turn, upstream_table, wait_until, write_keyring,
 };
+use weft_tests::http_backend::Backend;
 
 /// Service SVID lifetime in these tests: renewals every ~10 s.
 const SVID_TTL: &str = "20s";
@@ -111,6 +116,12 @@ fn three_ca_hosts_issue_and_renewals_survive_ca_loss() {
     })
     .unwrap_or_else(|| panic!("not every host got its identities\n{}", mesh.logs()));
     println!("3 CA hosts and 3 agents hold node and service identities after {took:?}");
+    // Ready needs one CA host; the others are learnt by gossip, which a loaded machine slows.
+    let ca_hosts = |a: &TestAgent| certs(a)["ca_hosts"].as_array().map_or(0, Vec::len);
+    wait_until(Duration::from_secs(15), || {
+        mesh.agents.iter().all(|a| ca_hosts(a) == 3)
+    })
+    .unwrap_or_else(|| panic!("not every agent sees the 3 CA hosts\n{}", mesh.logs()));
     for agent in &mesh.agents {
         let report = certs(agent);
         let ids: Vec<&str> = report["identities"]
@@ -124,7 +135,6 @@ fn three_ca_hosts_issue_and_renewals_survive_ca_loss() {
             "{ids:?}"
         );
         assert_eq!(ids.len(), 2, "{ids:?}");
-        assert_eq!(report["ca_hosts"].as_array().unwrap().len(), 3);
         let key = agent
             .dir
             .join(format!("{}-data", agent.spec.name))
@@ -289,4 +299,146 @@ fn sighup_trusts_a_second_root_and_refuses_a_bad_bundle() {
     assert!(agent.log().contains("bad trust bundle"), "{}", agent.log());
     assert_eq!(certs(agent)["roots"].as_array().map(Vec::len), Some(2));
     assert!(ready(agent));
+}
+
+/// How the CA host is told about its new service.
+#[derive(Clone, Copy, Debug)]
+enum Apply {
+    /// Restart: the node SVID stored in data_dir is found with the old scope.
+    Restart,
+    /// SIGHUP: the node SVID held in memory has the old scope.
+    Reload,
+}
+
+/// The node scope of the node SVID `agent` holds (`weft certs`).
+fn node_scope(agent: &TestAgent) -> Vec<String> {
+    certs(agent)["identities"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|i| i["kind"] == "node")
+        .and_then(|i| i["scope"].as_array())
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s.as_str().map(String::from))
+        .collect()
+}
+
+/// The backend name answered through the upstream listener on 127.0.0.1:`port`, if any.
+fn through(port: u16) -> Option<String> {
+    match http_get(SocketAddr::from(([127, 0, 0, 1], port)), "/") {
+        Ok((200, body)) => Some(body),
+        _ => None,
+    }
+}
+
+/// Polls [`through`] gently (every refused attempt is logged) until `port` answers, for at most
+/// `within`; returns the time it took.
+fn flows(port: u16, within: Duration) -> Option<Duration> {
+    wait_until(within, || {
+        through(port).is_some() || {
+            std::thread::sleep(Duration::from_millis(200));
+            false
+        }
+    })
+}
+
+/// The scope tests take turns: each starts three agents, on ports picked by [`free_port`].
+static SCOPE_TURN: Mutex<()> = Mutex::new(());
+
+/// A CA host (a1) serves `api`, which a2 uses through an upstream (so a2 pools a tunnel to
+/// a1); a3 has not talked to a1. Then `orders` is added to a1's config (applied by `apply`)
+/// and upstreams for it to a2's and a3's (by SIGHUP). a1 must reissue its own node SVID so its
+/// scope lists `orders`; otherwise peers refuse to send it `orders` traffic ("not entitled to
+/// serve") until the node SVID is renewed weeks later. Checks that `orders` traffic flows from
+/// each agent of `clients` (1 = a2, 2 = a3) within 15 s.
+fn ca_host_scope_follows_its_services(apply: Apply, clients: &[usize]) {
+    let _turn = take_turn(&SCOPE_TURN);
+    let api = Backend::start("api");
+    let orders = Backend::start("orders");
+    let api_up = free_port();
+    let orders_up = [free_port(), free_port()];
+    let mut cluster = Cluster::start(3, |spec| {
+        spec.extra = match spec.name.as_str() {
+            "a1" => service_table("api", api.port, "tcp"),
+            "a2" => upstream_table("api", api_up),
+            _ => String::new(),
+        }
+    })
+    .expect("start agents");
+    let within = Duration::from_secs(15);
+    wait_until(within, || cluster.all_ready())
+        .unwrap_or_else(|| panic!("agents not ready within {within:?}\n{}", cluster.logs()));
+    flows(api_up, within)
+        .unwrap_or_else(|| panic!("no api traffic within {within:?}\n{}", cluster.logs()));
+    assert_eq!(through(api_up).as_deref(), Some("api"));
+    assert_eq!(node_scope(&cluster.agents[0]), ["default/api"]);
+    let node_serial = serial(&cluster.agents[0], "node");
+
+    let dir = cluster.dir().to_path_buf();
+    let b = &mut cluster.agents[0];
+    b.spec.extra += &service_table("orders", orders.port, "tcp");
+    b.write_config(&b.spec.config_text(&dir)).unwrap();
+    match apply {
+        Apply::Restart => {
+            // As `systemctl restart` does: a graceful stop, then a new process.
+            b.sigterm();
+            b.wait_exit(Duration::from_secs(15)).unwrap();
+            b.restart().unwrap();
+        }
+        Apply::Reload => b.sighup(),
+    }
+    for (a, port) in cluster.agents[1..].iter_mut().zip(orders_up) {
+        a.spec.extra += &upstream_table("orders", port);
+        a.write_config(&a.spec.config_text(&dir)).unwrap();
+        a.sighup();
+    }
+
+    let b = &cluster.agents[0];
+    let wanted = ["default/api", "default/orders"];
+    wait_until(within, || node_scope(b) == wanted).unwrap_or_else(|| {
+        panic!(
+            "after {apply:?}, a1's node scope is {:?}\n{}",
+            node_scope(b),
+            cluster.logs()
+        )
+    });
+    assert_ne!(serial(b, "node"), node_serial, "the node SVID was reissued");
+    for &client in clients {
+        let name = &cluster.agents[client].spec.name;
+        let port = orders_up[client - 1];
+        let took = flows(port, within).unwrap_or_else(|| {
+            panic!(
+                "after {apply:?} of a1 with a new service, no orders traffic from {name} within {within:?}\n{}",
+                cluster.logs()
+            )
+        });
+        println!("after {apply:?} of the CA host, {name} reaches its new service in {took:?}");
+        assert_eq!(through(port).as_deref(), Some("orders"));
+    }
+    assert_eq!(through(api_up).as_deref(), Some("api"));
+    // a2's replaced tunnel (reload) carries no stream any more, so it closes: one tunnel left.
+    let a2 = &cluster.agents[1];
+    wait_until(within, || a2.metric("weft_tunnels_open") == 1.0).unwrap_or_else(|| {
+        panic!(
+            "a2 has {} tunnels open, expected 1\n{}",
+            a2.metric("weft_tunnels_open"),
+            cluster.logs()
+        )
+    });
+}
+
+/// Guards the startup path: a CA host restarted with a service added to its config reissues
+/// the node SVID it finds in data_dir, so peers accept it as an endpoint of the new service.
+#[test]
+fn ca_host_restarted_with_a_new_service_reissues_its_node_scope() {
+    ca_host_scope_follows_its_services(Apply::Restart, &[1, 2]);
+}
+
+/// Guards the reload path: a CA host given a new service by SIGHUP reissues the node SVID it
+/// holds, so peers accept it as an endpoint of the new service: a3 with a new tunnel, and a2,
+/// whose pooled tunnel still shows the old scope, by replacing that tunnel.
+#[test]
+fn ca_host_reloaded_with_a_new_service_reissues_its_node_scope() {
+    ca_host_scope_follows_its_services(Apply::Reload, &[1, 2]);
 }

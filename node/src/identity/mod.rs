@@ -203,6 +203,11 @@ pub struct IdentityContext {
     pub identities: SharedIdentities,
 }
 
+/// The node scope that lists `services`.
+fn scope_of(services: &[ServiceKey]) -> NodeScope {
+    NodeScope::new(services.iter().map(ServiceKey::to_string))
+}
+
 /// Runs the identity manager until `stop` turns true. `services` carries the configured
 /// services and changes on reload.
 pub async fn run(
@@ -252,7 +257,7 @@ impl IdentityContext {
         let current = self.identities.load_full();
 
         let node = match &current.node {
-            Some(node) if !node.due(now) => node.clone(),
+            Some(node) if !node.due(now) && !self.scope_outdated(node, wanted) => node.clone(),
             held => {
                 let node = Arc::new(self.node_svid(&node_id, held.as_deref(), wanted).await?);
                 info!(id = %node.id, not_after = %weft_ca::verify::format_utc(node.not_after), "node identity held");
@@ -340,11 +345,13 @@ impl IdentityContext {
     ) -> anyhow::Result<HeldSvid> {
         let files = SvidFiles::node(&self.data_dir);
         if held.is_none()
-            && let Some(svid) = self.stored(&files, id)
+            && let Some(svid) = self
+                .stored(&files, id)
+                .filter(|svid| !self.scope_outdated(svid, wanted))
         {
             return Ok(svid);
         }
-        let scope = NodeScope::new(wanted.iter().map(|s| s.to_string()));
+        let scope = scope_of(wanted);
         let request = |csr| -> anyhow::Result<CaRequest> {
             if held.is_some() {
                 return Ok(CaRequest::RenewNode { csr });
@@ -372,6 +379,13 @@ impl IdentityContext {
             client_cert,
         )
         .await
+    }
+
+    /// Whether `node` must be reissued because this host's services changed. Only a CA host
+    /// issues its own node SVID with the scope it asks for; elsewhere the scope is the join
+    /// token's and renewal keeps it.
+    fn scope_outdated(&self, node: &HeldSvid, wanted: &[ServiceKey]) -> bool {
+        self.ca.is_some() && node.scope.as_ref() != Some(&scope_of(wanted))
     }
 
     /// A service SVID: from disk or from a CA (this host's own, or one found in gossip).

@@ -43,7 +43,12 @@ pub async fn serve(context: Arc<ProxyContext>, connection: quinn::Connection) {
     };
     context.metrics.handshake("server", "ok");
     debug!(%remote, peer = %peer.id, "tunnel accepted");
-    track(connection.clone(), context.metrics.clone(), peer.not_after);
+    track(
+        connection.clone(),
+        context.metrics.clone(),
+        peer.not_after,
+        None,
+    );
     loop {
         let (send, recv) = tokio::select! {
             accepted = connection.accept_bi() => match accepted {

@@ -101,7 +101,7 @@ pub async fn connect(
             continue;
         }
         match context.tunnels.open(endpoint.tunnel_addr, &header).await {
-            Ok(stream) => return Ok(Box::pin(tokio::io::join(stream.recv, stream.send))),
+            Ok(stream) => return Ok(Box::pin(stream)),
             Err(e) => {
                 warn!(service = %service, node = %endpoint.node, error = %e, "endpoint failed");
                 context.metrics.stream_error(e.reason());

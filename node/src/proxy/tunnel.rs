@@ -7,10 +7,14 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime};
 
 use rustls_pki_types::CertificateDer;
+use tokio::io::{AsyncRead, AsyncWrite, Join, ReadBuf};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 use weft_ca::tls::{SharedBundle, SvidServerVerifier, quic_client_config};
 use weft_ca::{Usage, VerifiedSvid, WeftIdentity, verify_svid};
@@ -22,6 +26,12 @@ use crate::identity::SharedIdentities;
 
 /// ALPN of tunnels between agents.
 pub const ALPN_TUNNEL: &[u8] = b"weft/1";
+
+/// How old a pooled tunnel must be before a peer whose scope lacks a service is asked again
+/// with a fresh handshake. A peer reissues its node SVID when its services change (a CA host
+/// on reload), but a tunnel keeps the certificate of its handshake; the wait keeps a peer that
+/// gossip wrongly says runs a service from costing a handshake per connection.
+const SCOPE_RECHECK_AFTER: Duration = Duration::from_secs(5);
 
 /// Why a stream to a peer could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -96,14 +106,61 @@ impl TunnelError {
 pub struct Tunnel {
     connection: quinn::Connection,
     peer: Arc<VerifiedSvid>,
+    opened: Instant,
+    users: Arc<Retirement>,
+}
+
+impl Tunnel {
+    /// Whether the peer's node SVID, as shown at this tunnel's handshake, lists `service`.
+    fn serves(&self, service: &ServiceKey) -> bool {
+        self.peer
+            .scope
+            .as_ref()
+            .is_some_and(|scope| scope.allows(&service.namespace, &service.name))
+    }
+}
+
+/// Shared by a pooled tunnel, its clones and its streams, so that a tunnel replaced by a newer
+/// one to the same peer closes once nothing uses it, while its streams finish undisturbed.
+#[derive(Default)]
+pub struct Retirement {
+    /// Cancelled when the pool stops handing the tunnel out.
+    retired: CancellationToken,
 }
 
 /// A bidirectional stream that passed the header exchange.
 pub struct TunnelStream {
-    /// Bytes to the peer.
-    pub send: quinn::SendStream,
-    /// Bytes from the peer.
-    pub recv: quinn::RecvStream,
+    io: Join<quinn::RecvStream, quinn::SendStream>,
+    /// Keeps a retired tunnel open while this stream lives.
+    _users: Arc<Retirement>,
+}
+
+impl AsyncRead for TunnelStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TunnelStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 type Slot = Arc<tokio::sync::Mutex<Option<Tunnel>>>;
@@ -189,10 +246,11 @@ impl TunnelPool {
         addr: SocketAddr,
         header: &StreamHeader,
     ) -> Result<TunnelStream, TunnelError> {
-        let tunnel = self.tunnel(addr).await?;
-        if !tunnel.peer.scope.as_ref().is_some_and(|scope| {
-            scope.allows(&header.destination.namespace, &header.destination.name)
-        }) {
+        let mut tunnel = self.tunnel(addr, None).await?;
+        if !tunnel.serves(&header.destination) && tunnel.opened.elapsed() >= SCOPE_RECHECK_AFTER {
+            tunnel = self.tunnel(addr, Some(&tunnel)).await?;
+        }
+        if !tunnel.serves(&header.destination) {
             return Err(TunnelError::NotEntitled {
                 addr,
                 peer: tunnel.peer.id.to_string(),
@@ -213,7 +271,10 @@ impl TunnelPool {
             .map_err(|_| stream_error(format!("no reply within {HEADER_TIMEOUT:?}")))?
             .map_err(stream_error)?;
         match status {
-            Status::Ok => Ok(TunnelStream { send, recv }),
+            Status::Ok => Ok(TunnelStream {
+                io: tokio::io::join(recv, send),
+                _users: tunnel.users.clone(),
+            }),
             status => Err(TunnelError::Refused {
                 addr,
                 status,
@@ -245,8 +306,15 @@ impl TunnelPool {
         });
     }
 
-    /// The pooled tunnel to `addr`, connecting if there is none or it closed.
-    async fn tunnel(&self, addr: SocketAddr) -> Result<Tunnel, TunnelError> {
+    /// The pooled tunnel to `addr`, connecting if there is none or it closed. With `stale`,
+    /// the caller needs a newer tunnel than that one: unless another task replaced it already,
+    /// a new one is connected and `stale` is retired (it takes no new streams and closes when
+    /// its last one ends).
+    async fn tunnel(
+        &self,
+        addr: SocketAddr,
+        stale: Option<&Tunnel>,
+    ) -> Result<Tunnel, TunnelError> {
         let slot = self
             .slots
             .lock()
@@ -257,10 +325,15 @@ impl TunnelPool {
         let mut slot = slot.lock().await;
         if let Some(tunnel) = slot.as_ref()
             && tunnel.connection.close_reason().is_none()
+            && stale.is_none_or(|s| s.connection.stable_id() != tunnel.connection.stable_id())
         {
             return Ok(tunnel.clone());
         }
         let tunnel = self.connect(addr).await?;
+        if let Some(stale) = stale {
+            info!(%addr, peer = %tunnel.peer.id, "tunnel replaced to see the peer's current node scope");
+            stale.users.retired.cancel();
+        }
         *slot = Some(tunnel.clone());
         Ok(tunnel)
     }
@@ -268,10 +341,18 @@ impl TunnelPool {
     async fn connect(&self, addr: SocketAddr) -> Result<Tunnel, TunnelError> {
         let (connection, peer) = self.dial(addr, ALPN_TUNNEL).await?;
         info!(%addr, peer = %peer.id, "tunnel open");
-        track(connection.clone(), self.metrics.clone(), peer.not_after);
+        let users = Arc::new(Retirement::default());
+        track(
+            connection.clone(),
+            self.metrics.clone(),
+            peer.not_after,
+            Some(users.clone()),
+        );
         Ok(Tunnel {
             connection,
             peer: Arc::new(peer),
+            opened: Instant::now(),
+            users,
         })
     }
 
@@ -344,8 +425,14 @@ impl TunnelPool {
 
 /// Counts a tunnel while it is open, samples its RTT, and closes it when the peer's
 /// certificate expires: a TLS identity is checked at the handshake only, so a long-lived
-/// tunnel must not outlive it (the next stream handshakes again with a fresh SVID).
-pub fn track(connection: quinn::Connection, metrics: ProxyMetrics, peer_not_after: SystemTime) {
+/// tunnel must not outlive it (the next stream handshakes again with a fresh SVID). A pooled
+/// tunnel comes with its `users`: once retired, it is closed when nothing else holds them.
+pub fn track(
+    connection: quinn::Connection,
+    metrics: ProxyMetrics,
+    peer_not_after: SystemTime,
+    users: Option<Arc<Retirement>>,
+) {
     metrics.tunnel_opened();
     let expires_in = peer_not_after
         .duration_since(SystemTime::now())
@@ -364,7 +451,16 @@ pub fn track(connection: quinn::Connection, metrics: ProxyMetrics, peer_not_afte
                     info!(remote = %connection.remote_address(), "closing a tunnel whose peer certificate expired");
                     connection.close(5u32.into(), b"peer certificate expired");
                 }
-                _ = sample.tick() => metrics.rtt(connection.rtt()),
+                _ = sample.tick() => {
+                    metrics.rtt(connection.rtt());
+                    if users
+                        .as_ref()
+                        .is_some_and(|u| u.retired.is_cancelled() && Arc::strong_count(u) == 1)
+                    {
+                        debug!(remote = %connection.remote_address(), "closing a replaced tunnel whose streams have ended");
+                        connection.close(6u32.into(), b"replaced by a newer tunnel");
+                    }
+                }
             }
         }
         metrics.tunnel_closed();

@@ -277,7 +277,7 @@ async fn connect(
         .open(*addr, &header)
         .await
         .map_err(|e| e.to_string())?;
-    let io = TokioIo::new(tokio::io::join(stream.recv, stream.send));
+    let io = TokioIo::new(stream);
     let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .handshake(io)
         .await
