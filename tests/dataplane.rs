@@ -533,6 +533,33 @@ fn one_gib_arrives_intact() {
         "1 GiB not counted exactly at both agents\n{}",
         cluster.agents[2].metrics().unwrap_or_default()
     );
+    // The path kept its MTU: a GSO batch over the 64 KB a UDP send carries is refused by the
+    // kernel and dropped, which QUIC took for an MTU black hole (then 1,200-byte packets).
+    let path = |agent: &TestAgent, event: &str| {
+        agent_metric(agent, "weft_tunnel_path_events_total", &[("event", event)])
+    };
+    let sampled = wait_until(Duration::from_secs(10), || {
+        path(&cluster.agents[2], "packet_sent") >= (ONE_GIB / 9000) as f64
+    });
+    assert!(
+        sampled.is_some(),
+        "a3's tunnel statistics were not sampled\n{}",
+        cluster.agents[2].metrics().unwrap_or_default()
+    );
+    println!(
+        "a3 sent {} tunnel packets, {} declared lost",
+        path(&cluster.agents[2], "packet_sent"),
+        path(&cluster.agents[2], "packet_lost")
+    );
+    for agent in &cluster.agents[1..] {
+        assert_eq!(
+            path(agent, "mtu_black_hole"),
+            0.0,
+            "{} fell back to 1,200-byte packets\n{}",
+            agent.spec.name,
+            agent.log()
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -6,7 +6,9 @@
 //! certificate is chosen per ALPN and swapped on rotation without touching live connections.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use tokio::sync::watch;
 use tracing::warn;
@@ -50,6 +52,58 @@ fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     Ok(socket.into())
 }
 
+/// Most bytes one UDP send carries (a GSO batch included): 65,535 less the UDP header.
+const MAX_UDP_SEND: usize = 65_507;
+
+/// The endpoint's UDP socket as quinn's runtime wraps it, with segmentation-offload (GSO)
+/// batches capped at what one send may carry.
+///
+/// quinn sends up to 10 datagrams of the path MTU in one `sendmsg`. Once path MTU discovery
+/// reaches jumbo sizes, 10 × 8,952 bytes is over the limit, the kernel refuses the batch with
+/// EMSGSIZE, and quinn-udp drops it silently (it takes that error for a too-large MTU probe).
+/// QUIC then sees the whole batch lost, cuts its congestion window and, after a few such
+/// bursts, declares the path an MTU black hole and falls back to 1,200-byte packets.
+#[derive(Debug)]
+struct BoundedGsoSocket {
+    inner: Arc<dyn quinn::AsyncUdpSocket>,
+}
+
+impl quinn::AsyncUdpSocket for BoundedGsoSocket {
+    fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn quinn::UdpPoller>> {
+        self.inner.clone().create_io_poller()
+    }
+
+    fn try_send(&self, transmit: &quinn::udp::Transmit) -> std::io::Result<()> {
+        self.inner.try_send(transmit)
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut Context,
+        bufs: &mut [std::io::IoSliceMut<'_>],
+        meta: &mut [quinn::udp::RecvMeta],
+    ) -> Poll<std::io::Result<usize>> {
+        self.inner.poll_recv(cx, bufs, meta)
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        let fit = MAX_UDP_SEND / usize::from(MAX_UDP_PAYLOAD);
+        self.inner.max_transmit_segments().clamp(1, fit)
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.inner.max_receive_segments()
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.inner.may_fragment()
+    }
+}
+
 /// The bound endpoint.
 pub struct QuicEndpoint {
     endpoint: quinn::Endpoint,
@@ -73,8 +127,18 @@ impl QuicEndpoint {
         endpoint_config
             .max_udp_payload_size(MAX_UDP_PAYLOAD)
             .expect("the jumbo payload size is within QUIC's bounds");
-        let endpoint = quinn::Endpoint::new(endpoint_config, Some(config), socket, runtime)
-            .map_err(|e| EndpointError::Bind(addr, e))?;
+        let socket = BoundedGsoSocket {
+            inner: runtime
+                .wrap_udp_socket(socket)
+                .map_err(|e| EndpointError::Bind(addr, e))?,
+        };
+        let endpoint = quinn::Endpoint::new_with_abstract_socket(
+            endpoint_config,
+            Some(config),
+            Arc::new(socket),
+            runtime,
+        )
+        .map_err(|e| EndpointError::Bind(addr, e))?;
         Ok(QuicEndpoint { endpoint, resolver })
     }
 

@@ -1,5 +1,6 @@
 //! Data-plane metrics: TCP connections and bytes by direction, source and destination service,
-//! failures by reason, and QUIC tunnel handshakes, count, stream errors and round-trip time.
+//! failures by reason, and QUIC tunnel handshakes, count, stream errors, round-trip time and
+//! path events (packets sent and lost, congestion events, MTU black holes).
 //! Labels are bounded: service names from config and gossip, fixed reason strings.
 
 use prometheus::{
@@ -18,6 +19,7 @@ pub struct ProxyMetrics {
     open_tunnels: IntGauge,
     stream_errors: IntCounterVec,
     rtt: Histogram,
+    path_events: IntCounterVec,
 }
 
 /// Which way a connection goes, seen from this agent.
@@ -110,7 +112,16 @@ impl ProxyMetrics {
         registry.register(Box::new(handshakes.clone()))?;
         registry.register(Box::new(open_tunnels.clone()))?;
         registry.register(Box::new(stream_errors.clone()))?;
+        let path_events = IntCounterVec::new(
+            Opts::new(
+                "weft_tunnel_path_events_total",
+                "What QUIC saw on tunnel paths (both roles): packets sent and declared lost, \
+                 congestion events, and MTU black holes (the path MTU fell back to 1200 bytes).",
+            ),
+            &["event"],
+        )?;
         registry.register(Box::new(rtt.clone()))?;
+        registry.register(Box::new(path_events.clone()))?;
         Ok(ProxyMetrics {
             opened,
             closed,
@@ -121,6 +132,7 @@ impl ProxyMetrics {
             open_tunnels,
             stream_errors,
             rtt,
+            path_events,
         })
     }
 
@@ -176,5 +188,23 @@ impl ProxyMetrics {
     /// Records one RTT sample.
     pub fn rtt(&self, rtt: std::time::Duration) {
         self.rtt.observe(rtt.as_secs_f64());
+    }
+
+    /// Counts what a tunnel's path saw since `before`, as told by quinn's statistics.
+    pub fn path(&self, before: &quinn::PathStats, now: &quinn::PathStats) {
+        for (event, count) in [
+            ("packet_sent", now.sent_packets - before.sent_packets),
+            ("packet_lost", now.lost_packets - before.lost_packets),
+            (
+                "congestion",
+                now.congestion_events - before.congestion_events,
+            ),
+            (
+                "mtu_black_hole",
+                now.black_holes_detected - before.black_holes_detected,
+            ),
+        ] {
+            self.path_events.with_label_values(&[event]).inc_by(count);
+        }
     }
 }

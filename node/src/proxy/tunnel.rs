@@ -423,7 +423,7 @@ impl TunnelPool {
     }
 }
 
-/// Counts a tunnel while it is open, samples its RTT, and closes it when the peer's
+/// Counts a tunnel while it is open, samples its RTT and path events, and closes it when the peer's
 /// certificate expires: a TLS identity is checked at the handshake only, so a long-lived
 /// tunnel must not outlive it (the next stream handshakes again with a fresh SVID). A pooled
 /// tunnel comes with its `users`: once retired, it is closed when nothing else holds them.
@@ -439,12 +439,14 @@ pub fn track(
         .unwrap_or_default();
     tokio::spawn(async move {
         let mut sample = tokio::time::interval(Duration::from_secs(5));
+        let mut path = quinn::PathStats::default();
         let expiry = tokio::time::sleep(expires_in);
         tokio::pin!(expiry);
         loop {
             tokio::select! {
                 reason = connection.closed() => {
                     debug!(remote = %connection.remote_address(), %reason, "tunnel closed");
+                    metrics.path(&path, &connection.stats().path);
                     break;
                 }
                 _ = &mut expiry => {
@@ -453,6 +455,9 @@ pub fn track(
                 }
                 _ = sample.tick() => {
                     metrics.rtt(connection.rtt());
+                    let now = connection.stats().path;
+                    metrics.path(&path, &now);
+                    path = now;
                     if users
                         .as_ref()
                         .is_some_and(|u| u.retired.is_cancelled() && Arc::strong_count(u) == 1)
