@@ -30,9 +30,16 @@ pub const ALPN_CA: &[u8] = b"weft-ca/1";
 /// The trust bundle in force, swapped atomically when the operator publishes a new one.
 pub type SharedBundle = Arc<ArcSwap<TrustBundle>>;
 
-/// The crypto provider every Weft TLS config uses (ring).
+/// The crypto provider every Weft TLS config uses: ring, with AES-128-GCM as the first choice
+/// of TLS 1.3 suites (as BoringSSL and Go order them). It is as safe as AES-256-GCM for
+/// 128-bit security, and its 10 rounds instead of 14 make it the cheaper cipher for bulk
+/// traffic through the tunnels.
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider
+        .cipher_suites
+        .sort_by_key(|suite| suite.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    Arc::new(provider)
 }
 
 /// Errors building TLS configurations.
@@ -319,5 +326,61 @@ impl rustls::client::ResolvesClientCert for FixedClientCert {
 
     fn has_certs(&self) -> bool {
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A TLS 1.3 handshake in memory between configs built on [`provider`], with an rcgen
+    /// self-signed server certificate; returns the suite both sides agreed on.
+    fn negotiated_suite() -> rustls::CipherSuite {
+        let cert = rcgen::generate_simple_self_signed(vec!["weft.test".into()]).unwrap();
+        let cert_der = cert.cert.der().clone();
+        let key = PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
+        let server = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert_der.clone()], key)
+            .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert_der).unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let mut client = rustls::ClientConnection::new(
+            Arc::new(client),
+            ServerName::try_from("weft.test").unwrap(),
+        )
+        .unwrap();
+        let mut server = rustls::ServerConnection::new(Arc::new(server)).unwrap();
+        for _ in 0..10 {
+            let mut wire = Vec::new();
+            client.write_tls(&mut wire).unwrap();
+            server.read_tls(&mut wire.as_slice()).unwrap();
+            server.process_new_packets().unwrap();
+            wire.clear();
+            server.write_tls(&mut wire).unwrap();
+            client.read_tls(&mut wire.as_slice()).unwrap();
+            client.process_new_packets().unwrap();
+            if !client.is_handshaking() && !server.is_handshaking() {
+                break;
+            }
+        }
+        let suite = client.negotiated_cipher_suite().unwrap().suite();
+        assert_eq!(server.negotiated_cipher_suite().unwrap().suite(), suite);
+        suite
+    }
+
+    #[test]
+    fn peers_agree_on_aes_128_gcm() {
+        assert_eq!(
+            negotiated_suite(),
+            rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+        );
     }
 }
