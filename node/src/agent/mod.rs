@@ -7,6 +7,7 @@
 //! without half-joining); on stop the agent turns not-ready first, then leaves gossip, then
 //! closes the endpoint and the admin API.
 
+mod memory;
 pub mod policy;
 pub mod policy_sync;
 mod reload;
@@ -246,6 +247,7 @@ impl Agent {
             identities,
         };
         let tasks = vec![
+            tokio::spawn(memory::return_freed_memory(stop_rx.clone())),
             tokio::spawn(admin.serve(proxy.clone(), stop_rx.clone())),
             tokio::spawn(endpoint.serve(ca_server.clone(), proxy.clone(), stop_rx.clone())),
             tokio::spawn(policy_sync::run(proxy.clone(), stop_rx.clone())),
