@@ -49,12 +49,12 @@ fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
     let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
     // Linux reports twice the size it grants; less than asked means net.core.rmem_max capped it.
-    if let Ok(granted) = socket.recv_buffer_size()
-        && granted < SOCKET_BUFFER
+    if let Ok(reported) = socket.recv_buffer_size()
+        && reported / 2 < SOCKET_BUFFER
     {
         warn!(
             %addr,
-            granted_kib = granted / 2 / 1024,
+            granted_kib = reported / 2 / 1024,
             wanted_kib = SOCKET_BUFFER / 1024,
             "the kernel caps the tunnel socket's receive buffer (net.core.rmem_max), so bursts may be \
              dropped and counted as lost packets; raise net.core.rmem_max and net.core.wmem_max \
