@@ -193,15 +193,23 @@ impl ProxyMetrics {
     /// Counts what a tunnel's path saw since `before`, as told by quinn's statistics.
     pub fn path(&self, before: &quinn::PathStats, now: &quinn::PathStats) {
         for (event, count) in [
-            ("packet_sent", now.sent_packets - before.sent_packets),
-            ("packet_lost", now.lost_packets - before.lost_packets),
+            (
+                "packet_sent",
+                now.sent_packets.saturating_sub(before.sent_packets),
+            ),
+            (
+                "packet_lost",
+                now.lost_packets.saturating_sub(before.lost_packets),
+            ),
             (
                 "congestion",
-                now.congestion_events - before.congestion_events,
+                now.congestion_events
+                    .saturating_sub(before.congestion_events),
             ),
             (
                 "mtu_black_hole",
-                now.black_holes_detected - before.black_holes_detected,
+                now.black_holes_detected
+                    .saturating_sub(before.black_holes_detected),
             ),
         ] {
             self.path_events.with_label_values(&[event]).inc_by(count);

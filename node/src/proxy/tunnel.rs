@@ -423,8 +423,8 @@ impl TunnelPool {
     }
 }
 
-/// Counts a tunnel while it is open, samples its RTT and path events, and closes it when the peer's
-/// certificate expires: a TLS identity is checked at the handshake only, so a long-lived
+/// Counts a tunnel while it is open, samples its RTT and path events, and closes it when the
+/// peer's certificate expires: a TLS identity is checked at the handshake only, so a long-lived
 /// tunnel must not outlive it (the next stream handshakes again with a fresh SVID). A pooled
 /// tunnel comes with its `users`: once retired, it is closed when nothing else holds them.
 pub fn track(
