@@ -1314,23 +1314,20 @@ fn tunnels_refuse_peers_without_the_right_identity_and_count_it() {
     );
 
     // (d2) A lying gossip member (it holds the gossip key, nothing else) claims payments as
-    // passing at a2's tunnel address. a2's node SVID does not list payments: a3 must not send.
+    // passing at a2's tunnel address. It has no node SVID to sign the claim with, so the claim
+    // never reaches a catalog: a3 lists the liar as a member without identity and no endpoint.
     let liar = rt.block_on(start_liar(&cluster, a2.spec.tunnel_port));
-    let claimed = wait_until(Duration::from_secs(15), || {
-        a3.endpoints("default/payments")
-            .iter()
-            .any(|(node, health)| node == "liar" && health == "passing")
-    });
+    let listed = wait_until(Duration::from_secs(15), || a3.state_of("liar").is_some());
+    assert!(listed.is_some(), "a3 never saw the liar join\n{}", a3.log());
+    std::thread::sleep(Duration::from_secs(2));
     assert!(
-        claimed.is_some(),
-        "a3 never saw the liar's claim: {:?}",
+        !a3.endpoints("default/payments")
+            .iter()
+            .any(|(node, _)| node == "liar"),
+        "a3 lists the liar's unsigned claim: {:?}",
         a3.endpoints("default/payments")
     );
-    let started = Instant::now();
     let reply = rt.block_on(round_trip(up_pay, b"card 4242", Duration::from_secs(10)));
-    let closed_in = started.elapsed();
-    println!("lying member: upstream to payments: {reply:?} after {closed_in:?}");
-    // Closed without an answer: EOF, or a reset because the agent dropped unread bytes.
     match &reply {
         Ok(answer) => assert!(answer.is_empty(), "payments answered {answer:?}"),
         Err(e) => assert!(
@@ -1338,33 +1335,11 @@ fn tunnels_refuse_peers_without_the_right_identity_and_count_it() {
             "not closed promptly: {e}"
         ),
     }
-    assert!(
-        closed_in < Duration::from_secs(3),
-        "closed only after {closed_in:?}"
-    );
     assert_eq!(
         pay_accepted.load(Ordering::Relaxed),
         0,
         "bytes reached payments"
     );
-    let not_entitled = wait_until(Duration::from_secs(3), || {
-        agent_metric(
-            a3,
-            "weft_tunnel_stream_errors_total",
-            &[("reason", "peer_not_entitled")],
-        ) >= 1.0
-            && agent_metric(
-                a3,
-                "weft_tcp_connection_failures_total",
-                &[("direction", "outbound"), ("reason", "peer_not_entitled")],
-            ) >= 1.0
-    });
-    assert!(
-        not_entitled.is_some(),
-        "peer_not_entitled not counted\n{}",
-        a3.metrics().unwrap_or_default()
-    );
-    assert!(a3.log().contains("not entitled"), "{}", a3.log());
     rt.block_on(liar.shutdown());
 
     // In-test QUIC clients against a2's tunnel port.
@@ -1541,6 +1516,13 @@ async fn start_liar(cluster: &Cluster, tunnel_port: u16) -> weft_discovery::Memb
         interval: Duration::from_millis(500),
         dead_grace: Duration::from_secs(3600),
         seal: SealConfig::default(),
+        bundle: Arc::new(arc_swap::ArcSwap::from_pointee(
+            weft_ca::TrustBundle::load_pem(
+                weft_ca::TrustDomain::new("test.weft").unwrap(),
+                &cluster.pki.bundle(),
+            )
+            .expect("cluster trust bundle"),
+        )),
     };
     let record = NodeRecord {
         name: "liar".into(),

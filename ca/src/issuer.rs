@@ -131,6 +131,11 @@ impl CertificateAuthority {
         &self.ca.cert
     }
 
+    /// The intermediate's key, to prove the `ca` role in gossip (see [`crate::attest`]).
+    pub fn signing_key(&self) -> &rcgen::KeyPair {
+        self.ca.issuer.key()
+    }
+
     /// When this CA's certificate expires.
     pub fn not_after(&self) -> SystemTime {
         self.not_after

@@ -2,6 +2,7 @@
 //! intermediates), SVID issuance and verification, operator signatures, join tokens, trust bundles, the node
 //! scope, the CA protocol (server and client) and the TLS verifiers built on SVIDs.
 
+pub mod attest;
 pub mod bundle;
 pub mod client;
 pub mod issuer;

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::record::{Health, NodeRecord, Protocol, ServiceKey, ServiceRecord};
+use crate::signed::NodeIdentity;
 
 /// A member's state as seen from this agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -65,6 +66,10 @@ pub struct Member {
     /// The policy bundle the member says it enforces.
     #[serde(default)]
     pub policy: Option<crate::record::PolicyAdvert>,
+    /// The member's verified node identity; `None` for a member that has none yet (joining)
+    /// or whose records did not verify: such a member is listed, never routed to.
+    #[serde(default)]
+    pub identity: Option<NodeIdentity>,
     /// Whether this member is the local agent.
     pub is_self: bool,
 }
@@ -97,7 +102,8 @@ impl Endpoint {
     }
 }
 
-/// What the gossip layer knows about one chitchat node (one incarnation), as input to
+/// What the gossip layer knows about one chitchat node (one incarnation), after
+/// [`crate::signed::RecordVerifier`] kept only what the node signed, as input to
 /// [`Catalog::build`].
 #[derive(Debug, Clone)]
 pub struct NodeSnapshot {
@@ -111,7 +117,9 @@ pub struct NodeSnapshot {
     pub late: bool,
     /// Whether it is the local agent.
     pub is_self: bool,
-    /// Its key-values (only non-deleted ones).
+    /// Its verified identity, if it has one.
+    pub identity: Option<NodeIdentity>,
+    /// Its verified key-values (signature envelopes removed).
     pub key_values: BTreeMap<String, String>,
 }
 
@@ -127,15 +135,18 @@ pub struct Catalog {
 impl Catalog {
     /// Builds the view from the nodes gossip knows about.
     ///
-    /// Rules: a node name is one member, its highest generation wins (a restart replaces the
-    /// old incarnation); a member that published `left` is left whatever the failure detector
-    /// says; only alive or suspect members contribute endpoints; records that do not parse
-    /// are ignored.
+    /// Rules: a node name is one member: its newest *verified* incarnation, whatever
+    /// unverified ones claim (a restart replaces the old incarnation; an impostor with a
+    /// higher generation does not); a name with no verified incarnation is listed without a
+    /// record and routes nothing. A member that published `left` is left whatever the failure
+    /// detector says; only alive or suspect members contribute endpoints; records that do not
+    /// parse, and withdrawn (empty) services, are ignored.
     pub fn build(nodes: impl IntoIterator<Item = NodeSnapshot>) -> Catalog {
         let mut newest: BTreeMap<String, NodeSnapshot> = BTreeMap::new();
         for node in nodes {
+            let rank = |n: &NodeSnapshot| (n.identity.is_some(), n.generation);
             match newest.get(&node.name) {
-                Some(known) if known.generation >= node.generation => {}
+                Some(known) if rank(known) >= rank(&node) => {}
                 _ => {
                     newest.insert(node.name.clone(), node);
                 }
@@ -185,6 +196,9 @@ impl Catalog {
                     let Some(suffix) = key.strip_prefix(crate::record::SERVICE_PREFIX) else {
                         continue;
                     };
+                    if value.is_empty() {
+                        continue; // withdrawn by its node
+                    }
                     let (Some(service), Some(instance)) = (
                         ServiceKey::from_gossip_suffix(suffix),
                         crate::record::decode::<ServiceRecord>(value),
@@ -213,6 +227,7 @@ impl Catalog {
                     keyring,
                     redeemed_tokens,
                     policy,
+                    identity: node.identity,
                     is_self: node.is_self,
                 },
             );
@@ -319,8 +334,60 @@ mod tests {
             live,
             late: false,
             is_self: false,
+            identity: Some(NodeIdentity {
+                serial_hex: format!("{generation:02x}"),
+                not_after: u64::MAX,
+                is_ca: false,
+            }),
             key_values: BTreeMap::from([(NODE_KEY.to_string(), record::encode(&record))]),
         }
+    }
+
+    /// What the verifier leaves of an incarnation none of whose values verified.
+    fn unverified(name: &str, generation: u64) -> NodeSnapshot {
+        NodeSnapshot {
+            identity: None,
+            key_values: BTreeMap::new(),
+            ..node(name, generation, true)
+        }
+    }
+
+    #[test]
+    fn an_unverified_incarnation_never_hides_a_verified_one() {
+        let real = with_service(node("web-1", 1, true), "api", Health::Passing);
+        for impostor in [unverified("web-1", 2), unverified("web-1", u64::MAX)] {
+            let catalog = Catalog::build([impostor, real.clone()]);
+            let member = &catalog.members["web-1"];
+            assert_eq!((member.generation, member.state), (1, MemberState::Alive));
+            assert!(member.identity.is_some());
+            assert_eq!(
+                catalog
+                    .routable_endpoints(&ServiceKey::new("default", "api"))
+                    .count(),
+                1
+            );
+        }
+    }
+
+    #[test]
+    fn a_name_with_no_verified_incarnation_is_listed_but_routes_nothing() {
+        let catalog = Catalog::build([unverified("joining", 7)]);
+        let member = &catalog.members["joining"];
+        assert!(member.record.is_none() && member.identity.is_none());
+        assert!(catalog.services.is_empty());
+    }
+
+    #[test]
+    fn a_withdrawn_service_has_no_endpoint() {
+        let mut n = with_service(node("a", 1, true), "api", Health::Passing);
+        n.key_values.insert("svc:default/old".into(), String::new());
+        let catalog = Catalog::build([n]);
+        assert_eq!(catalog.services.len(), 1);
+        assert!(
+            catalog
+                .services
+                .contains_key(&ServiceKey::new("default", "api"))
+        );
     }
 
     fn with_service(mut node: NodeSnapshot, service: &str, health: Health) -> NodeSnapshot {

@@ -4,7 +4,7 @@
 //! Owns the chitchat handle. It never holds chitchat's lock across an await and never runs
 //! long work under it: the refresh task copies what it needs and builds the catalog outside.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -17,13 +17,17 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use crate::catalog::{Catalog, CatalogHandle, CatalogPublisher, NodeSnapshot};
+use weft_ca::attest::RecordSigner;
+use weft_ca::tls::SharedBundle;
+
+use crate::catalog::{Catalog, CatalogHandle, CatalogPublisher};
 use crate::keyring::SharedKeyring;
 use crate::metrics::GossipMetrics;
 use crate::record::{
-    self, Health, KEYRING_KEY, NODE_KEY, NodeRecord, STATE_ALIVE, STATE_KEY, STATE_LEFT,
-    ServiceKey, ServiceRecord,
+    self, Health, KEYRING_KEY, NODE_KEY, NodeRecord, POLICY_KEY, REDEEMED_KEY, STATE_ALIVE,
+    STATE_KEY, STATE_LEFT, ServiceKey, ServiceRecord,
 };
+use crate::signed::{self, ID_KEY, RawNode, RecordVerifier, Versioned};
 use crate::transport::{SealConfig, SealedTransport};
 
 /// Errors starting or driving the gossip member.
@@ -57,21 +61,106 @@ pub struct MembershipConfig {
     pub dead_grace: Duration,
     /// Transport tuning.
     pub seal: SealConfig,
+    /// The trust bundle records are verified against (swapped on SIGHUP).
+    pub bundle: SharedBundle,
 }
 
 /// The local gossip member.
 pub struct Membership {
     chitchat: ChitchatHandle,
     catalog: CatalogHandle,
-    local: Mutex<LocalState>,
+    local: Arc<Mutex<LocalState>>,
     interval: Duration,
     stop_refresh: watch::Sender<bool>,
     refresh_task: JoinHandle<()>,
 }
 
-/// What this agent publishes, kept so single fields can be updated.
+/// What this agent publishes, kept so single fields can be updated, and what it last wrote
+/// into chitchat, so a value that someone else wrote under our name is noticed and replaced.
 struct LocalState {
+    node: NodeRecord,
     services: BTreeMap<ServiceKey, ServiceRecord>,
+    /// Services published once and since removed: published as withdrawn (empty).
+    withdrawn: BTreeSet<ServiceKey>,
+    /// Small values under fixed keys (state, keyring, policy, redeemed tokens).
+    fields: BTreeMap<&'static str, String>,
+    /// The node SVID's signer; nothing is published before there is one.
+    signer: Option<Arc<RecordSigner>>,
+    /// The [`ID_KEY`] inner value for the current signer.
+    id_inner: Option<String>,
+    /// Exact values this agent wrote, by key.
+    written: BTreeMap<String, String>,
+}
+
+impl LocalState {
+    /// Every key and the inner value it should hold, [`ID_KEY`] first.
+    fn desired(&self) -> Vec<(String, String)> {
+        let mut values = Vec::with_capacity(self.services.len() + self.fields.len() + 2);
+        if let Some(id) = &self.id_inner {
+            values.push((ID_KEY.to_string(), id.clone()));
+        }
+        values.push((NODE_KEY.to_string(), record::encode(&self.node)));
+        values.extend(
+            self.fields
+                .iter()
+                .map(|(key, value)| (key.to_string(), value.clone())),
+        );
+        values.extend(
+            self.services
+                .iter()
+                .map(|(key, service)| (key.gossip_key(), record::encode(service))),
+        );
+        values.extend(
+            self.withdrawn
+                .iter()
+                .map(|key| (key.gossip_key(), String::new())),
+        );
+        values
+    }
+
+    /// Writes every value that chitchat does not hold as this agent last signed it: new or
+    /// changed values, values someone else wrote under this agent's name, and everything
+    /// after the signer changed. Runs under chitchat's lock; costs one signature per value
+    /// written.
+    fn sync(&mut self, state: &mut chitchat::NodeState) {
+        let Some(signer) = self.signer.clone() else {
+            return;
+        };
+        let id = state.chitchat_id().clone();
+        for (key, inner) in self.desired() {
+            let current = state.get(&key);
+            let ours = self.written.get(&key);
+            if ours.is_some_and(|ours| {
+                Some(ours.as_str()) == current && signed::inner(ours) == Some(inner.as_str())
+            }) {
+                continue;
+            }
+            if current.is_some() && ours.is_none_or(|ours| Some(ours.as_str()) != current) {
+                debug!(key, "replacing a value this agent did not write");
+            }
+            // chitchat gives the next value the next version; a state pushed near the end of
+            // the version space by a forged delta cannot be written any more.
+            let Some(seq) = state
+                .max_version()
+                .checked_add(1)
+                .filter(|v| *v < u64::MAX / 2)
+            else {
+                warn!(
+                    key,
+                    version = state.max_version(),
+                    "gossip version space exhausted; restart the agent for a new incarnation"
+                );
+                return;
+            };
+            match signed::seal(&signer, &id.node_id, id.generation_id, &key, seq, &inner) {
+                Ok(value) => {
+                    state.set(key.clone(), value.clone());
+                    self.written.insert(key, value);
+                }
+                Err(error) => warn!(key, %error, "could not sign a gossip record"),
+            }
+        }
+    }
 }
 
 impl Membership {
@@ -112,18 +201,22 @@ impl Membership {
         };
         let fingerprints = keyring.load().fingerprints().join(",");
         metrics.set_keyring_keys(keyring.load().keys().len());
-        let mut initial = vec![
-            (NODE_KEY.to_string(), record::encode(&node)),
-            (STATE_KEY.to_string(), STATE_ALIVE.to_string()),
-            (KEYRING_KEY.to_string(), fingerprints),
-        ];
-        initial.extend(
-            services
-                .iter()
-                .map(|(key, service)| (key.gossip_key(), record::encode(service))),
-        );
+        let local = Arc::new(Mutex::new(LocalState {
+            node: node.clone(),
+            services,
+            withdrawn: BTreeSet::new(),
+            fields: BTreeMap::from([
+                (STATE_KEY, STATE_ALIVE.to_string()),
+                (KEYRING_KEY, fingerprints),
+            ]),
+            signer: None,
+            id_inner: None,
+            written: BTreeMap::new(),
+        }));
+        // Nothing is published until the node SVID signs it (`set_signer`): until then the
+        // agent gossips only its presence.
         let transport = SealedTransport::new(keyring, metrics.clone(), config.seal.clone());
-        let chitchat = spawn_chitchat(chitchat_config, initial, &transport)
+        let chitchat = spawn_chitchat(chitchat_config, Vec::new(), &transport)
             .await
             .map_err(|error| DiscoveryError::Start {
                 addr: config.bind,
@@ -135,7 +228,10 @@ impl Membership {
         let (stop_refresh, stop_rx) = watch::channel(false);
         let refresh_task = tokio::spawn(refresh_loop(
             chitchat.chitchat(),
+            local.clone(),
             publisher,
+            RecordVerifier::new(metrics.clone()),
+            config.bundle.clone(),
             metrics,
             config.interval,
             stop_rx,
@@ -143,7 +239,7 @@ impl Membership {
         Ok(Membership {
             chitchat,
             catalog,
-            local: Mutex::new(LocalState { services }),
+            local,
             interval: config.interval,
             stop_refresh,
             refresh_task,
@@ -172,34 +268,37 @@ impl Membership {
         self.chitchat.chitchat_id().generation_id
     }
 
-    /// Replaces the published services: new ones appear, removed ones are deleted, and the
+    /// Signs everything this agent publishes with `signer` (its node SVID, renewed or new)
+    /// and publishes it: before the first signer, the agent gossips only its presence.
+    pub async fn set_signer(&self, signer: Arc<RecordSigner>) {
+        self.update(
+            |local, name, generation| match signed::id_inner(&signer, name, generation) {
+                Ok(id) => {
+                    local.id_inner = Some(id);
+                    local.signer = Some(signer.clone());
+                    local.written.clear();
+                }
+                Err(error) => warn!(%error, "could not sign this node's identity record"),
+            },
+        )
+        .await;
+    }
+
+    /// Replaces the published services: new ones appear, removed ones are withdrawn, and the
     /// last known health of a kept service is preserved unless `services` says otherwise.
     pub async fn set_services(&self, services: BTreeMap<ServiceKey, ServiceRecord>) {
-        let (removed, changed) = {
-            let mut local = self
-                .local
-                .lock()
-                .expect("local state lock is never poisoned");
-            let removed: Vec<ServiceKey> = local
-                .services
-                .keys()
-                .filter(|k| !services.contains_key(k))
-                .cloned()
-                .collect();
-            local.services = services;
-            (removed, local.services.clone())
-        };
-        self.chitchat
-            .with_chitchat(|c| {
-                let state = c.self_node_state();
-                for key in &removed {
-                    state.delete(&key.gossip_key());
+        self.update(move |local, _, _| {
+            for key in local.services.keys() {
+                if !services.contains_key(key) {
+                    local.withdrawn.insert(key.clone());
                 }
-                for (key, service) in &changed {
-                    state.set(key.gossip_key(), record::encode(service));
-                }
-            })
-            .await;
+            }
+            for key in services.keys() {
+                local.withdrawn.remove(key);
+            }
+            local.services = services.clone();
+        })
+        .await;
     }
 
     /// Publishes a new health result for one local service.
@@ -208,7 +307,7 @@ impl Membership {
         service: &ServiceKey,
         health: Health,
     ) -> Result<(), DiscoveryError> {
-        let encoded = {
+        {
             let mut local = self
                 .local
                 .lock()
@@ -218,41 +317,51 @@ impl Membership {
                 .get_mut(service)
                 .ok_or_else(|| DiscoveryError::UnknownService(service.clone()))?;
             instance.health = health;
-            record::encode(instance)
-        };
-        let key = service.gossip_key();
-        self.chitchat
-            .with_chitchat(|c| c.self_node_state().set(key.clone(), encoded.clone()))
-            .await;
+        }
+        self.update(|_, _, _| {}).await;
         Ok(())
     }
 
     /// Publishes the fingerprints of the keyring now in use, after a rotation step.
     pub async fn set_keyring_fingerprints(&self, fingerprints: &[String]) {
         let value = fingerprints.join(",");
-        self.chitchat
-            .with_chitchat(|c| c.self_node_state().set(KEYRING_KEY, value.clone()))
-            .await;
+        self.update(move |local, _, _| {
+            local.fields.insert(KEYRING_KEY, value.clone());
+        })
+        .await;
     }
 
     /// Publishes the join-token ids this CA host redeemed.
     pub async fn set_redeemed_tokens(&self, ids: &[String]) {
         let value = ids.join(",");
-        self.chitchat
-            .with_chitchat(|c| {
-                c.self_node_state()
-                    .set(crate::record::REDEEMED_KEY, value.clone())
-            })
-            .await;
+        self.update(move |local, _, _| {
+            local.fields.insert(REDEEMED_KEY, value.clone());
+        })
+        .await;
     }
 
     /// Advertises the policy bundle this agent enforces.
     pub async fn set_policy(&self, advert: &crate::record::PolicyAdvert) {
         let value = advert.encode();
+        self.update(move |local, _, _| {
+            local.fields.insert(POLICY_KEY, value.clone());
+        })
+        .await;
+    }
+
+    /// Changes what is published with `change` (given the local state, this incarnation's
+    /// name and generation) and writes what changed into chitchat.
+    async fn update(&self, change: impl FnOnce(&mut LocalState, &str, u64) + Send) {
+        let local = self.local.clone();
+        let mut change = Some(change);
         self.chitchat
-            .with_chitchat(|c| {
-                c.self_node_state()
-                    .set(crate::record::POLICY_KEY, value.clone())
+            .with_chitchat(move |c| {
+                let id = c.self_chitchat_id().clone();
+                let mut local = local.lock().expect("local state lock is never poisoned");
+                if let Some(change) = change.take() {
+                    change(&mut local, &id.node_id, id.generation_id);
+                }
+                local.sync(c.self_node_state());
             })
             .await;
     }
@@ -260,10 +369,13 @@ impl Membership {
     /// Leaves gracefully: announces `left`, pushes it to every live peer at once, waits a
     /// gossip round so it spreads, then stops gossiping.
     pub async fn leave(self) {
+        self.update(|local, _, _| {
+            local.fields.insert(STATE_KEY, STATE_LEFT.to_string());
+        })
+        .await;
         let peers: Vec<SocketAddr> = self
             .chitchat
             .with_chitchat(|c| {
-                c.self_node_state().set(STATE_KEY, STATE_LEFT);
                 let me = c.self_chitchat_id().clone();
                 c.live_nodes()
                     .filter(|id| **id != me)
@@ -293,9 +405,13 @@ impl Membership {
 
 /// Rebuilds the catalog whenever chitchat reports a change, and at least twice per round
 /// so heartbeat lateness (suspect) and dead members are noticed.
+#[allow(clippy::too_many_arguments)]
 async fn refresh_loop(
     chitchat: Arc<tokio::sync::Mutex<chitchat::Chitchat>>,
+    local: Arc<Mutex<LocalState>>,
     publisher: CatalogPublisher,
+    mut verifier: RecordVerifier,
+    bundle: SharedBundle,
     metrics: GossipMetrics,
     interval: Duration,
     mut stop: watch::Receiver<bool>,
@@ -311,10 +427,16 @@ async fn refresh_loop(
             _ = tick.tick() => {}
         }
         let snapshots = {
-            let guard = chitchat.lock().await;
+            let mut guard = chitchat.lock().await;
+            // Our own values as we signed them, even if a forged delta overwrote one.
+            local
+                .lock()
+                .expect("local state lock is never poisoned")
+                .sync(guard.self_node_state());
             snapshot(&guard, &mut heartbeats, interval)
         };
-        let catalog = Catalog::build(snapshots);
+        let verified = verifier.verify(snapshots, &bundle.load_full(), SystemTime::now());
+        let catalog = Catalog::build(verified);
         metrics.set_members(catalog.member_counts());
         publisher.publish(catalog);
     }
@@ -325,7 +447,7 @@ fn snapshot(
     chitchat: &chitchat::Chitchat,
     heartbeats: &mut HeartbeatTracker,
     interval: Duration,
-) -> Vec<NodeSnapshot> {
+) -> Vec<RawNode> {
     let me = chitchat.self_chitchat_id();
     let live: std::collections::HashSet<&ChitchatId> = chitchat.live_nodes().collect();
     let now = Instant::now();
@@ -342,15 +464,22 @@ fn snapshot(
             .map(|timeout| timeout / 2)
             .unwrap_or(interval * 4)
             .max(interval * 2);
-        snapshots.push(NodeSnapshot {
+        snapshots.push(RawNode {
             name: id.node_id.to_string(),
             generation: id.generation_id,
             live: is_live,
             late: !is_self && quiet_for > late_after,
             is_self,
             key_values: state
-                .key_values()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .key_values_including_deleted()
+                .filter(|(_, v)| !v.is_deleted())
+                .map(|(k, v)| {
+                    let value = Versioned {
+                        version: v.version,
+                        value: v.value.clone(),
+                    };
+                    (k.to_string(), value)
+                })
                 .collect(),
         });
     }
@@ -444,6 +573,13 @@ mod tests {
         assert!(tracker.is_joining(&id("a"), false, t0 + round * 2, round));
     }
 
+    fn test_bundle() -> SharedBundle {
+        let dir = tempfile::tempdir().unwrap();
+        let td = weft_ca::TrustDomain::new("test.weft").unwrap();
+        let out = weft_ca::pki::init(&td, "ops", dir.path()).unwrap();
+        Arc::new(arc_swap::ArcSwap::from_pointee(out.bundle))
+    }
+
     #[tokio::test]
     async fn a_gossip_server_that_dies_is_reported() {
         let port = std::net::UdpSocket::bind("127.0.0.1:0")
@@ -459,6 +595,7 @@ mod tests {
             interval: Duration::from_millis(100),
             dead_grace: Duration::from_secs(60),
             seal: SealConfig::default(),
+            bundle: test_bundle(),
         };
         let node = NodeRecord {
             name: "a".into(),

@@ -3,6 +3,7 @@
 //! Every counter is resolved to its label values once, at construction, so the packet path
 //! only increments atomics.
 
+use crate::signed::Rejection;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 /// What happened to one gossip datagram.
@@ -66,6 +67,8 @@ pub struct GossipMetrics {
     secondary_key_opens: IntCounter,
     members: IntGaugeVec,
     keyring_keys: IntGauge,
+    rejected: Vec<(Rejection, IntCounter)>,
+    impersonations: IntCounter,
 }
 
 impl GossipMetrics {
@@ -97,6 +100,19 @@ impl GossipMetrics {
             "weft_gossip_keyring_keys",
             "Number of keys in this agent's gossip keyring.",
         )?;
+        let rejected = IntCounterVec::new(
+            Opts::new(
+                "weft_gossip_records_rejected_total",
+                "Gossip records refused before the catalog, by reason (not signed by the node they are about, out of its scope, replayed, ...).",
+            ),
+            &["reason"],
+        )?;
+        let impersonations = IntCounter::new(
+            "weft_gossip_impersonations_total",
+            "Records about this agent, or incarnations under its name, that it did not sign.",
+        )?;
+        registry.register(Box::new(rejected.clone()))?;
+        registry.register(Box::new(impersonations.clone()))?;
         registry.register(Box::new(packets.clone()))?;
         registry.register(Box::new(bytes.clone()))?;
         registry.register(Box::new(secondary_key_opens.clone()))?;
@@ -117,6 +133,11 @@ impl GossipMetrics {
             secondary_key_opens,
             members,
             keyring_keys,
+            rejected: Rejection::ALL
+                .iter()
+                .map(|r| (*r, rejected.with_label_values(&[r.as_label()])))
+                .collect(),
+            impersonations,
         })
     }
 
@@ -167,6 +188,35 @@ impl GossipMetrics {
         for (state, count) in MEMBER_STATES.iter().zip(counts) {
             self.members.with_label_values(&[state]).set(count as i64);
         }
+    }
+
+    /// Counts a gossip record refused for `reason`; `about_self` when it claims to be this
+    /// agent's own.
+    pub fn record_rejected(&self, reason: Rejection, about_self: bool) {
+        if let Some((_, counter)) = self.rejected.iter().find(|(r, _)| *r == reason) {
+            counter.inc();
+        }
+        if about_self {
+            self.impersonations.inc();
+        }
+    }
+
+    /// Counts an incarnation under this agent's name that it did not publish.
+    pub fn impersonation(&self) {
+        self.impersonations.inc();
+    }
+
+    /// Records refused for `reason` so far.
+    pub fn rejected_count(&self, reason: Rejection) -> u64 {
+        self.rejected
+            .iter()
+            .find(|(r, _)| *r == reason)
+            .map_or(0, |(_, c)| c.get())
+    }
+
+    /// Impersonations counted so far.
+    pub fn impersonations(&self) -> u64 {
+        self.impersonations.get()
     }
 
     /// Sets the keyring size gauge.

@@ -24,6 +24,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
+use weft_ca::attest::RecordSigner;
 use weft_ca::client::CaClient;
 use weft_ca::server::{CaMetrics, CaServer, RedeemedTokens};
 use weft_ca::tls::SharedBundle;
@@ -116,6 +117,8 @@ pub struct Agent {
     published_health: BTreeMap<ServiceKey, Health>,
     services_tx: watch::Sender<Vec<ServiceKey>>,
     ca_server: Option<Arc<CaServer>>,
+    /// This host's intermediate (CA hosts), to prove the `ca` role in gossip.
+    ca: Option<Arc<CertificateAuthority>>,
     proxy: Arc<ProxyContext>,
     upstreams: Upstreams,
     stop_tx: watch::Sender<bool>,
@@ -160,7 +163,7 @@ impl Agent {
             .map(|s| (s.key.clone(), health::initial_health(s)))
             .collect();
         let membership = Membership::start(
-            membership_config(&config),
+            membership_config(&config, &bundle),
             node_record(&config),
             service_records(&config.services, &BTreeMap::new()),
             keyring.clone(),
@@ -239,7 +242,7 @@ impl Agent {
             svid_ttl: config.identity.svid_ttl,
             node_svid_ttl: config.identity.node_svid_ttl,
             bundle,
-            ca,
+            ca: ca.clone(),
             client: CaClient::new(endpoint.quinn(), shared.bundle.clone()),
             catalog,
             resolver: endpoint.resolver(),
@@ -272,6 +275,7 @@ impl Agent {
             published_health: BTreeMap::new(),
             services_tx,
             ca_server,
+            ca,
             proxy,
             upstreams,
             stop_tx,
@@ -291,6 +295,7 @@ impl Agent {
         let mut publish = tokio::time::interval(PUBLISH_INTERVAL);
         let mut published: Vec<String> = Vec::new();
         let mut advertised_policy = None;
+        let mut signed_with = None;
         let gossip_failure = self.membership.failure();
         tokio::pin!(gossip_failure);
         let mut failure = None;
@@ -307,6 +312,7 @@ impl Agent {
                 },
                 Some(result) = self.results_rx.recv() => self.apply_health(result).await,
                 _ = publish.tick() => {
+                    self.sign_records(&mut signed_with).await;
                     self.publish_health().await;
                     let policy = self.shared.policy.active().advert();
                     if policy != advertised_policy {
@@ -330,6 +336,22 @@ impl Agent {
             Some(reason) => Err(anyhow::anyhow!(reason)),
             None => Ok(()),
         }
+    }
+
+    /// Signs this agent's gossip records with its node SVID once it has one, and again after
+    /// every renewal (`signed_with` is the serial last used).
+    async fn sign_records(&mut self, signed_with: &mut Option<String>) {
+        let identities = self.shared.identities.load();
+        let Some(node) = &identities.node else {
+            return;
+        };
+        if signed_with.as_deref() == Some(node.serial_hex.as_str()) {
+            return;
+        }
+        let signer = RecordSigner::new(node.key.clone(), self.ca.clone());
+        self.membership.set_signer(Arc::new(signer)).await;
+        info!(serial = %node.serial_hex, "gossip records signed with the node SVID");
+        *signed_with = Some(node.serial_hex.clone());
     }
 
     /// Each local service's health as peers should route by it: its check result, but
@@ -450,7 +472,7 @@ fn node_record(config: &Config) -> NodeRecord {
         tunnel_addr: config.tunnel.advertise,
         labels: config.node.labels.clone(),
         roles: if config.ca.is_some() {
-            vec!["ca".into()]
+            vec![weft_discovery::signed::CA_ROLE.into()]
         } else {
             Vec::new()
         },
@@ -463,8 +485,9 @@ fn node_record(config: &Config) -> NodeRecord {
     }
 }
 
-fn membership_config(config: &Config) -> MembershipConfig {
+fn membership_config(config: &Config, bundle: &SharedBundle) -> MembershipConfig {
     MembershipConfig {
+        bundle: bundle.clone(),
         cluster: config.node.trust_domain.to_string(),
         bind: config.gossip.bind,
         seeds: config.gossip.seeds.clone(),
