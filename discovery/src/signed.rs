@@ -241,6 +241,10 @@ struct VerifiedId {
 
 type Incarnation = (String, u64);
 
+/// The verdict on one value at one version, under the identity (leaf fingerprint) current
+/// when it was checked.
+type CachedValue = (u64, [u8; 32], Result<String, Rejection>);
+
 /// The verdict on an incarnation's `id` value at one version, and the identity it replaced:
 /// right after a renewal, values not yet re-signed still carry the previous leaf's signature.
 struct CachedId {
@@ -253,7 +257,7 @@ struct CachedId {
 pub struct RecordVerifier {
     metrics: GossipMetrics,
     ids: HashMap<Incarnation, CachedId>,
-    values: HashMap<(Incarnation, String), (u64, [u8; 32], Result<String, Rejection>)>,
+    values: HashMap<(Incarnation, String), CachedValue>,
     logged: HashSet<(String, Rejection)>,
     bundle: Option<Arc<TrustBundle>>,
     self_name: Option<String>,
@@ -699,7 +703,10 @@ mod tests {
         let mesh = mesh();
         let signer = mesh.signer("web-1", &["default/api"], HOUR, false);
         let mut publisher = Publisher::new(&signer, "web-1", 5);
-        publisher.record(&[]).service("api").set(record::STATE_KEY, "alive");
+        publisher
+            .record(&[])
+            .service("api")
+            .set(record::STATE_KEY, "alive");
         let (snapshot, metrics) = verify_one(&mesh, publisher.node.clone());
         assert!(snapshot.identity.is_some());
         assert_eq!(
@@ -718,7 +725,12 @@ mod tests {
         let signer = mesh.signer("web-1", &["default/api"], HOUR, false);
         let mut publisher = Publisher::new(&signer, "web-1", 5);
         publisher.record(&[]).service("api");
-        let value = &mut publisher.node.key_values.get_mut("svc:default/api").unwrap().value;
+        let value = &mut publisher
+            .node
+            .key_values
+            .get_mut("svc:default/api")
+            .unwrap()
+            .value;
         *value = value.replace("8080", "9090");
         let (snapshot, metrics) = verify_one(&mesh, publisher.node);
         assert!(snapshot.key_values.contains_key("node"));
@@ -757,7 +769,11 @@ mod tests {
         node.key_values.clear();
         let (snapshot, metrics) = verify_one(&mesh, node.clone());
         assert!(snapshot.identity.is_none());
-        assert_eq!(metrics.rejected_count(Rejection::Unsigned), 0, "presence only");
+        assert_eq!(
+            metrics.rejected_count(Rejection::Unsigned),
+            0,
+            "presence only"
+        );
         node.key_values.insert(
             "state".into(),
             Versioned {
@@ -802,7 +818,9 @@ mod tests {
                 value: api.value.clone(),
             },
         );
-        replayed.key_values.insert("svc:default/db".into(), api.clone());
+        replayed
+            .key_values
+            .insert("svc:default/db".into(), api.clone());
         let (snapshot, metrics) = verify_one(&mesh, replayed);
         assert!(snapshot.key_values.contains_key("node"));
         assert!(!snapshot.key_values.contains_key("svc:default/api"));
@@ -863,7 +881,11 @@ mod tests {
         publisher.record(&[]).service("api");
         let metrics = GossipMetrics::unregistered();
         let mut verifier = RecordVerifier::new(metrics.clone());
-        verifier.verify(vec![publisher.node.clone()], &mesh.bundle, SystemTime::now());
+        verifier.verify(
+            vec![publisher.node.clone()],
+            &mesh.bundle,
+            SystemTime::now(),
+        );
         // The renewed id arrives before the re-signed values.
         let mut renewed = Publisher::new(&new, "web-1", 5);
         renewed.version = publisher.version;

@@ -9,3 +9,4 @@ pub mod gossip_sim;
 pub mod http_backend;
 pub mod lab;
 pub mod nginx;
+pub mod rogue;

@@ -1,0 +1,356 @@
+//! Gossip says where, identities say who: attackers against real agents.
+//!
+//! Three loopback agents (a1 a CA host, a2 running `api`, a3 reaching it through an
+//! upstream). A rogue gossip member that holds the gossip key, first with no identity, then
+//! with a valid node SVID of its own, tries to take a2's and a1's names, mark them left,
+//! claim services outside its scope and the `ca` role, and replay a2's own signed values.
+//! Honest traffic runs through a3 the whole time: it must see 0 failures, every catalog must
+//! stay as it was, and every attempt must be counted.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use chitchat::ChitchatId;
+use weft_tests::agent::{
+    Cluster, TestAgent, free_port, service_table, test_runtime, upstream_table, wait_until,
+};
+use weft_tests::rogue::{Rogue, node_signer, signed_values};
+
+const CLUSTER_ID: &str = "test.weft";
+
+/// A TCP echo server on 127.0.0.1; returns its port.
+fn echo_server() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut socket in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = socket.read(&mut buf) {
+                    if n == 0 || socket.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+struct Mesh {
+    cluster: Cluster,
+    upstream: u16,
+}
+
+fn mesh() -> Mesh {
+    let echo = echo_server();
+    let upstream = free_port();
+    let cluster = Cluster::start(3, |spec| match spec.name.as_str() {
+        "a2" => spec.extra = service_table("api", echo, "tcp"),
+        "a3" => spec.extra = upstream_table("api", upstream),
+        _ => {}
+    })
+    .expect("start three agents");
+    let ready = wait_until(Duration::from_secs(20), || {
+        cluster.all_ready()
+            && cluster.agents[2]
+                .endpoints("default/api")
+                .iter()
+                .any(|(node, health)| node == "a2" && health == "passing")
+    });
+    assert!(ready.is_some(), "mesh not ready\n{}", cluster.logs());
+    Mesh { cluster, upstream }
+}
+
+/// Honest requests through a3's upstream, one every 20 ms, until stopped.
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicUsize>,
+    failed: Arc<AtomicUsize>,
+    thread: Option<JoinHandle<Vec<String>>>,
+}
+
+impl Traffic {
+    fn start(port: u16) -> Traffic {
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicUsize::new(0));
+        let failed = Arc::new(AtomicUsize::new(0));
+        let (s, n, f) = (stop.clone(), sent.clone(), failed.clone());
+        let thread = std::thread::spawn(move || {
+            let mut errors = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while !s.load(Ordering::Relaxed) && Instant::now() < deadline {
+                let i = n.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = exchange(port, format!("ping {i}").as_bytes()) {
+                    f.fetch_add(1, Ordering::Relaxed);
+                    errors.push(e);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            errors
+        });
+        Traffic {
+            stop,
+            sent,
+            failed,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops and returns (requests, failures, first errors).
+    fn finish(mut self) -> (usize, usize, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let errors = self.thread.take().unwrap().join().unwrap();
+        (
+            self.sent.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+            errors.into_iter().take(3).collect(),
+        )
+    }
+}
+
+fn exchange(port: u16, message: &[u8]) -> Result<(), String> {
+    let mut socket = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    socket
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    socket.write_all(message).map_err(|e| e.to_string())?;
+    let mut answer = vec![0u8; message.len()];
+    socket.read_exact(&mut answer).map_err(|e| e.to_string())?;
+    (answer == message)
+        .then_some(())
+        .ok_or_else(|| format!("answer {answer:?}"))
+}
+
+/// (generation, state, has identity) of `name` in `agent`'s catalog.
+fn member(agent: &TestAgent, name: &str) -> Option<(u64, String, bool)> {
+    let members = agent.cli_json(&["members"]).ok()?;
+    members.as_array()?.iter().find_map(|m| {
+        (m["name"] == name).then(|| {
+            (
+                m["generation"].as_u64().unwrap_or(0),
+                m["state"].as_str().unwrap_or("").to_string(),
+                !m["identity"].is_null(),
+            )
+        })
+    })
+}
+
+fn rejected(agent: &TestAgent, reason: &str) -> f64 {
+    agent.metric(&format!(
+        "weft_gossip_records_rejected_total{{reason=\"{reason}\"}}"
+    ))
+}
+
+fn record(name: &str, tunnel: SocketAddr, roles: &[&str]) -> String {
+    serde_json::json!({
+        "name": name,
+        "gossip_addr": tunnel,
+        "tunnel_addr": tunnel,
+        "roles": roles,
+        "version": "rogue",
+        "started_at": 0,
+    })
+    .to_string()
+}
+
+const PASSING_API: &str = r#"{"port":1,"protocol":"tcp","health":"passing","weight":100}"#;
+
+/// What every honest agent must still see: a1 and a2 alive in the incarnations they started
+/// with, a2 the only endpoint of `api`, and a1 a CA host.
+fn assert_catalogs_unchanged(mesh: &Mesh, generations: &[(String, u64)]) {
+    for agent in &mesh.cluster.agents {
+        for (name, generation) in generations {
+            let seen = member(agent, name);
+            assert_eq!(
+                seen.as_ref().map(|(g, s, v)| (*g, s.as_str(), *v)),
+                Some((*generation, "alive", true)),
+                "{} sees {name} as {seen:?}",
+                agent.spec.name
+            );
+        }
+        let api = agent.endpoints("default/api");
+        assert_eq!(
+            api,
+            [("a2".to_string(), "passing".to_string())],
+            "{} lists api endpoints {api:?}",
+            agent.spec.name
+        );
+    }
+    let status = mesh.cluster.agents[2].cli_json(&["status"]).unwrap();
+    assert_eq!(status["ca_hosts"], 1, "a3 lost its CA host: {status}");
+}
+
+fn generations(mesh: &Mesh) -> Vec<(String, u64)> {
+    ["a1", "a2", "a3"]
+        .iter()
+        .map(|name| {
+            let (g, _, _) = member(&mesh.cluster.agents[2], name).expect("member listed");
+            (name.to_string(), g)
+        })
+        .collect()
+}
+
+#[test]
+fn a_rogue_with_only_the_gossip_key_cannot_displace_hide_or_impersonate() {
+    let mesh = mesh();
+    let before = generations(&mesh);
+    let rt = test_runtime();
+    let traffic = Traffic::start(mesh.upstream);
+    let seeds = vec![mesh.cluster.agents[0].spec.gossip_addr()];
+    let rogue_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut rogues = Vec::new();
+    // a2's name at a higher generation, other addresses, left, and claiming api; a1's name
+    // (the CA host) left, with the ca role.
+    for (name, roles) in [("a2", vec![]), ("a1", vec!["ca"])] {
+        let bind = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let id = ChitchatId::new(name.to_string(), u64::MAX / 4, bind);
+        let values = vec![
+            ("node".to_string(), record(name, rogue_addr, &roles)),
+            ("state".to_string(), "left".to_string()),
+            ("svc:default/api".to_string(), PASSING_API.to_string()),
+        ];
+        let rogue = rt.block_on(Rogue::start(
+            &mesh.cluster.keyring,
+            CLUSTER_ID,
+            seeds.clone(),
+            id,
+            bind,
+            values,
+        ));
+        rogues.push(rogue.expect("start rogue"));
+    }
+    let a3 = &mesh.cluster.agents[2];
+    let counted = wait_until(Duration::from_secs(10), || {
+        rejected(a3, "unsigned") >= 2.0
+            && mesh.cluster.agents[1].metric("weft_gossip_impersonations_total") >= 1.0
+            && mesh.cluster.agents[0].metric("weft_gossip_impersonations_total") >= 1.0
+    });
+    assert!(
+        counted.is_some(),
+        "attempts not counted: a3 unsigned {}, a2 impersonations {}, a1 impersonations {}",
+        rejected(a3, "unsigned"),
+        mesh.cluster.agents[1].metric("weft_gossip_impersonations_total"),
+        mesh.cluster.agents[0].metric("weft_gossip_impersonations_total"),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_catalogs_unchanged(&mesh, &before);
+    assert!(
+        mesh.cluster.agents[1]
+            .log()
+            .contains("another gossip member uses this agent's name"),
+        "a2 did not log the impersonation"
+    );
+    for rogue in rogues {
+        rt.block_on(rogue.stop());
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    assert_catalogs_unchanged(&mesh, &before);
+    let (sent, failed, errors) = traffic.finish();
+    println!("honest requests during the attack: {sent}, failed: {failed}");
+    assert!(sent > 100, "only {sent} requests");
+    assert_eq!(failed, 0, "honest requests failed: {errors:?}");
+}
+
+#[test]
+fn a_rogue_with_its_own_valid_identity_cannot_claim_more_than_it_holds() {
+    let mesh = mesh();
+    let before = generations(&mesh);
+    let rt = test_runtime();
+    let traffic = Traffic::start(mesh.upstream);
+    let pki = &mesh.cluster.pki;
+    let ca = mesh.cluster.agents[0]
+        .spec
+        .ca
+        .clone()
+        .expect("a1 is a CA host");
+    // A host that joined legitimately as "rogue" with no services, then was compromised.
+    let signer = node_signer(&pki.bundle(), &ca, "rogue", &[]).unwrap();
+    let seeds = vec![mesh.cluster.agents[0].spec.gossip_addr()];
+    let bind = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let generation = 1;
+    let own = signed_values(
+        &signer,
+        "rogue",
+        generation,
+        &[
+            ("node", record("rogue", bind, &["ca"])),
+            ("svc:default/api", PASSING_API.to_string()),
+            ("ca.redeemed", "forged-token".to_string()),
+        ],
+    )
+    .unwrap();
+    let own = rt
+        .block_on(Rogue::start(
+            &mesh.cluster.keyring,
+            CLUSTER_ID,
+            seeds.clone(),
+            ChitchatId::new("rogue".to_string(), generation, bind),
+            bind,
+            own,
+        ))
+        .unwrap();
+    // Its valid chain and key under a2's name, at a higher generation, marking a2 left.
+    let bind2 = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let as_a2 = signed_values(
+        &signer,
+        "a2",
+        u64::MAX / 4,
+        &[
+            ("node", record("a2", bind2, &[])),
+            ("state", "left".to_string()),
+        ],
+    )
+    .unwrap();
+    let as_a2 = rt
+        .block_on(Rogue::start(
+            &mesh.cluster.keyring,
+            CLUSTER_ID,
+            seeds,
+            ChitchatId::new("a2".to_string(), u64::MAX / 4, bind2),
+            bind2,
+            as_a2,
+        ))
+        .unwrap();
+
+    let a3 = &mesh.cluster.agents[2];
+    let counted = wait_until(Duration::from_secs(10), || {
+        rejected(a3, "ca_role_unproven") >= 2.0
+            && rejected(a3, "out_of_scope") >= 1.0
+            && rejected(a3, "wrong_node") >= 1.0
+    });
+    assert!(
+        counted.is_some(),
+        "attempts not counted:\n{}",
+        a3.metrics().unwrap_or_default()
+    );
+    // The rogue is a verified member under its own name, with nothing it could not prove.
+    let seen = member(a3, "rogue").expect("rogue listed");
+    assert_eq!((seen.1.as_str(), seen.2), ("alive", true), "{seen:?}");
+    let members = a3.cli_json(&["members"]).unwrap();
+    let rogue = members
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "rogue")
+        .unwrap();
+    assert!(rogue["record"].is_null(), "rogue record accepted: {rogue}");
+    assert!(
+        rogue["redeemed_tokens"]
+            .as_array()
+            .is_none_or(|t| t.is_empty()),
+        "{rogue}"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_catalogs_unchanged(&mesh, &before);
+    rt.block_on(own.stop());
+    rt.block_on(as_a2.stop());
+    let (sent, failed, errors) = traffic.finish();
+    println!("honest requests during the attack: {sent}, failed: {failed}");
+    assert!(sent > 100, "only {sent} requests");
+    assert_eq!(failed, 0, "honest requests failed: {errors:?}");
+}
