@@ -1277,13 +1277,21 @@ fn tunnels_refuse_peers_without_the_right_identity_and_count_it() {
     let a2_ready = a2.http_get("/ready").map(|(s, _)| s).unwrap_or(0);
     println!("a2 /ready: {a2_ready} (it cannot get a payments SVID: out of its scope)");
 
-    // (d1) An honest agent does not advertise a service it holds no identity for: a2 lists
-    // payments as `unknown`, so a3 has no endpoint and closes the app connection at once.
-    let unknown = wait_until(Duration::from_secs(10), || {
-        a3.endpoints("default/payments") == [("a2".to_string(), "unknown".to_string())]
+    // (d1) An honest agent does not advertise a service outside its node SVID's scope (every
+    // receiver would refuse it): a3 has no payments endpoint, closes the app connection at
+    // once, and nobody counts a refused record.
+    std::thread::sleep(Duration::from_secs(2));
+    let none = wait_until(Duration::from_secs(10), || {
+        a3.endpoints("default/payments").is_empty()
     });
+    let refused = agent_metric(
+        a3,
+        "weft_gossip_records_rejected_total",
+        &[("reason", "out_of_scope")],
+    );
+    assert_eq!(refused, 0.0, "{}", cluster.logs());
     assert!(
-        unknown.is_some(),
+        none.is_some(),
         "a3 sees {:?}\n{}",
         a3.endpoints("default/payments"),
         cluster.logs()

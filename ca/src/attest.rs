@@ -19,6 +19,7 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::bundle::TrustBundle;
 use crate::issuer::CertificateAuthority;
+use crate::scope::NodeScope;
 use crate::spiffe::SpiffeId;
 use crate::verify::{SvidError, Usage, VerifiedSvid, verify_svid};
 
@@ -45,19 +46,33 @@ pub enum SignError {
 pub struct RecordSigner {
     key: Arc<CertifiedKey>,
     fingerprint: [u8; 32],
+    scope: Option<NodeScope>,
     ca: Option<Arc<CertificateAuthority>>,
 }
 
 impl RecordSigner {
-    /// A signer for the node SVID `key` (chain leaf first); `ca` is this host's intermediate
-    /// when it is a CA host.
-    pub fn new(key: Arc<CertifiedKey>, ca: Option<Arc<CertificateAuthority>>) -> RecordSigner {
+    /// A signer for the node SVID `key` (chain leaf first) whose node scope is `scope`; `ca`
+    /// is this host's intermediate when it is a CA host.
+    pub fn new(
+        key: Arc<CertifiedKey>,
+        scope: Option<NodeScope>,
+        ca: Option<Arc<CertificateAuthority>>,
+    ) -> RecordSigner {
         let fingerprint = key.cert.first().map(fingerprint).unwrap_or_default();
         RecordSigner {
             key,
             fingerprint,
+            scope,
             ca,
         }
+    }
+
+    /// Whether the node SVID lets this node hold service `namespace/name`: receivers refuse
+    /// any other, so there is no point publishing it.
+    pub fn may_hold(&self, namespace: &str, name: &str) -> bool {
+        self.scope
+            .as_ref()
+            .is_some_and(|scope| scope.allows(namespace, name))
     }
 
     /// The node SVID chain, leaf first.
@@ -239,13 +254,13 @@ mod tests {
     #[test]
     fn a_record_signed_by_a_node_verifies_with_its_chain_only() {
         let pki = pki();
-        let signer = RecordSigner::new(node_key(&pki, "web-1"), None);
+        let signer = RecordSigner::new(node_key(&pki, "web-1"), None, None);
         let chain = signer.chain().to_vec();
         verify_node_chain(&chain, &pki.bundle, SystemTime::now(), "web-1").unwrap();
         let signature = signer.sign(b"record").unwrap();
         assert!(verify_signature(&chain[0], b"record", &signature));
         assert!(!verify_signature(&chain[0], b"recorD", &signature));
-        let other = RecordSigner::new(node_key(&pki, "web-2"), None);
+        let other = RecordSigner::new(node_key(&pki, "web-2"), None, None);
         assert!(!verify_signature(&other.chain()[0], b"record", &signature));
     }
 
@@ -268,7 +283,7 @@ mod tests {
     fn only_the_holder_of_an_intermediate_proves_the_ca_role() {
         let pki = pki();
         let now = SystemTime::now();
-        let ca_host = RecordSigner::new(node_key(&pki, "ca-1"), Some(pki.ca.clone()));
+        let ca_host = RecordSigner::new(node_key(&pki, "ca-1"), None, Some(pki.ca.clone()));
         let intermediate = ca_host.ca_certificate().unwrap().clone();
         let proof = ca_host.sign_as_ca(b"ca-1 is a CA host").unwrap().unwrap();
         let check = |cert: &CertificateDer<'_>, msg: &[u8], sig: &[u8]| {
@@ -277,7 +292,7 @@ mod tests {
         assert!(check(&intermediate, b"ca-1 is a CA host", &proof));
         assert!(!check(&intermediate, b"web-1 is a CA host", &proof));
         // A plain node's chain also carries the intermediate, but it cannot sign with it.
-        let node = RecordSigner::new(node_key(&pki, "web-1"), None);
+        let node = RecordSigner::new(node_key(&pki, "web-1"), None, None);
         assert!(node.sign_as_ca(b"x").is_none());
         let forged = node.sign(b"web-1 is a CA host").unwrap();
         assert!(!check(&intermediate, b"web-1 is a CA host", &forged));
@@ -285,7 +300,7 @@ mod tests {
         assert!(!check(&node.chain()[0], b"web-1 is a CA host", &forged));
         // An intermediate of another root does not count.
         let other = pki_for("other.weft");
-        let other_host = RecordSigner::new(node_key(&other, "ca-9"), Some(other.ca.clone()));
+        let other_host = RecordSigner::new(node_key(&other, "ca-9"), None, Some(other.ca.clone()));
         let proof = other_host.sign_as_ca(b"ca-9").unwrap().unwrap();
         assert!(!check(
             other_host.ca_certificate().unwrap(),

@@ -105,11 +105,21 @@ impl LocalState {
                 .iter()
                 .map(|(key, value)| (key.to_string(), value.clone())),
         );
-        values.extend(
-            self.services
-                .iter()
-                .map(|(key, service)| (key.gossip_key(), record::encode(service))),
-        );
+        // A service outside the node SVID's scope would be refused by every receiver: it is
+        // published as withdrawn (the agent warns about it when it signs its records).
+        let in_scope = |key: &ServiceKey| {
+            self.signer
+                .as_ref()
+                .is_some_and(|s| s.may_hold(&key.namespace, &key.name))
+        };
+        values.extend(self.services.iter().map(|(key, service)| {
+            let inner = if in_scope(key) {
+                record::encode(service)
+            } else {
+                String::new()
+            };
+            (key.gossip_key(), inner)
+        }));
         values.extend(
             self.withdrawn
                 .iter()

@@ -611,7 +611,7 @@ mod tests {
             let (key, svid) = self.ca.issue_local(&id, ttl, Some(&scope)).unwrap();
             let key = PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).unwrap();
             let key = certified_key(svid.chain, key).unwrap();
-            RecordSigner::new(key, ca.then(|| self.ca.clone()))
+            RecordSigner::new(key, Some(scope), ca.then(|| self.ca.clone()))
         }
     }
 

@@ -15,6 +15,7 @@ pub struct AgentMetrics {
     health_checks: IntCounterVec,
     service_healthy: IntGaugeVec,
     ready: IntGauge,
+    policy_peers: IntCounterVec,
 }
 
 impl AgentMetrics {
@@ -53,6 +54,17 @@ impl AgentMetrics {
             "weft_ready",
             "Whether this agent reports ready (1) or not (0).",
         )?;
+        let policy_peers = IntCounterVec::new(
+            Opts::new(
+                "weft_policy_sync_peer_failures_total",
+                "Policy fetches from peers that advertised a later bundle and did not serve it: lying (served another bundle, or one that does not verify) or unreachable.",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(policy_peers.clone()))?;
+        for result in ["lying", "unreachable"] {
+            policy_peers.with_label_values(&[result]);
+        }
         registry.register(Box::new(build_info))?;
         registry.register(Box::new(config_reloads.clone()))?;
         registry.register(Box::new(health_checks.clone()))?;
@@ -72,12 +84,19 @@ impl AgentMetrics {
             health_checks,
             service_healthy,
             ready,
+            policy_peers,
         })
     }
 
     /// The registry other layers register their metrics in.
     pub fn registry(&self) -> &Registry {
         &self.registry
+    }
+
+    /// Counts a policy fetch from a peer that did not serve what it advertised (`result`:
+    /// `lying` or `unreachable`).
+    pub fn policy_peer(&self, result: &str) {
+        self.policy_peers.with_label_values(&[result]).inc();
     }
 
     /// Counts a config reload.

@@ -81,7 +81,7 @@ pub fn node_signer(
     let key = PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes())
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let key = weft_ca::tls::certified_key(svid.chain, key)?;
-    Ok(Arc::new(RecordSigner::new(key, None)))
+    Ok(Arc::new(RecordSigner::new(key, Some(scope), None)))
 }
 
 /// `values` signed by `signer` for incarnation (`name`, `generation`), preceded by the

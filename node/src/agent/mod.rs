@@ -348,7 +348,12 @@ impl Agent {
         if signed_with.as_deref() == Some(node.serial_hex.as_str()) {
             return;
         }
-        let signer = RecordSigner::new(node.key.clone(), self.ca.clone());
+        let signer = RecordSigner::new(node.key.clone(), node.scope.clone(), self.ca.clone());
+        for service in self.last_health.keys() {
+            if !signer.may_hold(&service.namespace, &service.name) {
+                warn!(%service, "service is outside this node's SVID scope (its join token did not list it): not published in gossip");
+            }
+        }
         self.membership.set_signer(Arc::new(signer)).await;
         info!(serial = %node.serial_hex, "gossip records signed with the node SVID");
         *signed_with = Some(node.serial_hex.clone());

@@ -218,7 +218,7 @@ impl PolicyStore {
         let metrics = PolicyMetrics::new(registry)?;
         let path = data_dir.join(POLICY_FILE);
         let active = match std::fs::read(&path) {
-            Ok(bytes) => match bundle::open(&bytes, &trust.load(), SystemTime::now()) {
+            Ok(bytes) => match bundle::open_persisted(&bytes, &trust.load(), SystemTime::now()) {
                 Ok(verified) => {
                     info!(version = verified.version, digest = %verified.digest, "enforcing the persisted policy bundle");
                     active_from(verified)

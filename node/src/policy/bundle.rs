@@ -165,8 +165,38 @@ pub fn sign(
     Ok(bytes)
 }
 
-/// Verifies and opens a bundle against `trust`, at time `now`.
+/// Verifies and opens a bundle received at `now` (from `weft policy apply` or a peer)
+/// against `trust`: the operator certificate must have been valid when the bundle was issued
+/// *and* be valid now, so a bundle signed with a backdated issue time by a credential that has
+/// since expired is refused.
 pub fn open(
+    bytes: &[u8],
+    trust: &TrustBundle,
+    now: SystemTime,
+) -> Result<VerifiedBundle, BundleError> {
+    let verified = open_persisted(bytes, trust, now)?;
+    let envelope: Envelope = serde_json::from_slice(bytes)
+        .map_err(|e| BundleError::Malformed(format!("envelope: {e}")))?;
+    let cert = URL_SAFE_NO_PAD
+        .decode(&envelope.cert)
+        .map_err(|_| BundleError::Malformed("cert is not base64url".into()))?;
+    let signature = URL_SAFE_NO_PAD
+        .decode(&envelope.signature)
+        .map_err(|_| BundleError::Malformed("signature is not base64url".into()))?;
+    verify_operator_signature(
+        &CertificateDer::from(cert),
+        signed_bytes(&envelope.payload).as_bytes(),
+        &signature,
+        trust,
+        now,
+    )?;
+    Ok(verified)
+}
+
+/// Verifies and opens the bundle this agent persisted after it accepted it: the operator
+/// certificate must have been valid when the bundle was issued, so policy in force survives
+/// a restart after the operator credential expired.
+pub fn open_persisted(
     bytes: &[u8],
     trust: &TrustBundle,
     now: SystemTime,
@@ -229,6 +259,15 @@ pub fn open(
         set,
         bytes: bytes.to_vec(),
     })
+}
+
+/// The version and digest a bundle claims, read without verifying anything: enough to tell
+/// whether a peer served what it advertised before the bundle is verified.
+pub fn peek(bytes: &[u8]) -> Option<(u64, String)> {
+    let envelope: Envelope = serde_json::from_slice(bytes).ok()?;
+    let payload_json = URL_SAFE_NO_PAD.decode(&envelope.payload).ok()?;
+    let payload: Payload = serde_json::from_slice(&payload_json).ok()?;
+    Some((payload.version, hex_digest(&payload_json)))
 }
 
 fn signed_bytes(payload_b64: &str) -> String {
@@ -340,6 +379,8 @@ pub(crate) mod tests {
         // issue time maybe) keep the same digest only if the payload is the same.
         let again = open(&bytes, &f.trust, SystemTime::now()).unwrap();
         assert_eq!(again.digest, opened.digest);
+        assert_eq!(peek(&bytes), Some((7, opened.digest.clone())));
+        assert_eq!(peek(b"not a bundle"), None);
     }
 
     #[test]
@@ -429,10 +470,15 @@ pub(crate) mod tests {
     fn a_bundle_outlives_the_operator_credential_that_signed_it() {
         let f = fixture(TD);
         let bytes = sign(files(ALLOW_ALL), 3, &f.signer).unwrap();
-        // Two years on, the operator certificate (one year) has expired; the bundle signed
-        // while it was valid still opens.
+        // Two years on, the operator certificate (one year) has expired; the bundle this
+        // agent accepted while it was valid still opens from its own disk...
         let later = SystemTime::now() + Duration::from_secs(2 * 365 * 86_400);
-        assert!(open(&bytes, &f.trust, later).is_ok());
+        assert!(open_persisted(&bytes, &f.trust, later).is_ok());
+        // ...but nobody can hand it (or anything else that credential signed, backdated or
+        // not) to an agent any more.
+        let err = open(&bytes, &f.trust, later).unwrap_err();
+        assert_eq!(err.reason(), "untrusted_signer", "{err}");
+        assert!(err.to_string().contains("expired"), "{err}");
     }
 
     #[test]
