@@ -239,27 +239,37 @@ struct VerifiedId {
     scope: Option<NodeScope>,
 }
 
-type Incarnation = (String, u64);
-
 /// The verdict on one value at one version, under the identity (leaf fingerprint) current
 /// when it was checked.
 type CachedValue = (u64, [u8; 32], Result<String, Rejection>);
 
-/// The verdict on an incarnation's `id` value at one version, and the identity it replaced:
-/// right after a renewal, values not yet re-signed still carry the previous leaf's signature.
-struct CachedId {
-    version: u64,
+/// What the verifier remembers about one incarnation (name and generation).
+struct CachedNode {
+    /// The verification pass that last saw it; entries not seen in a pass are dropped.
+    seen: u64,
+    /// Version of the `id` value the verdict is about; `None` before the first check.
+    id_version: Option<u64>,
     verdict: Result<Arc<VerifiedId>, Rejection>,
+    /// The identity the current one replaced: right after a renewal, values not yet
+    /// re-signed still carry the previous leaf's signature.
     previous: Option<Arc<VerifiedId>>,
+    /// Verdicts on the other values, by key.
+    values: HashMap<String, CachedValue>,
 }
 
 /// Verifies what chitchat holds before the catalog sees it, caching results per value.
 pub struct RecordVerifier {
-    metrics: GossipMetrics,
-    ids: HashMap<Incarnation, CachedId>,
-    values: HashMap<(Incarnation, String), CachedValue>,
-    logged: HashSet<(String, Rejection)>,
+    /// By node name, then generation (looked up without allocating on every pass).
+    cache: HashMap<String, BTreeMap<u64, CachedNode>>,
+    pass: u64,
     bundle: Option<Arc<TrustBundle>>,
+    report: Reporter,
+}
+
+/// Counts and logs refusals.
+struct Reporter {
+    metrics: GossipMetrics,
+    logged: HashSet<(String, Rejection)>,
     self_name: Option<String>,
 }
 
@@ -271,12 +281,14 @@ impl RecordVerifier {
     /// A verifier that counts refusals in `metrics`.
     pub fn new(metrics: GossipMetrics) -> RecordVerifier {
         RecordVerifier {
-            metrics,
-            ids: HashMap::new(),
-            values: HashMap::new(),
-            logged: HashSet::new(),
+            cache: HashMap::new(),
+            pass: 0,
             bundle: None,
-            self_name: None,
+            report: Reporter {
+                metrics,
+                logged: HashSet::new(),
+                self_name: None,
+            },
         }
     }
 
@@ -290,23 +302,23 @@ impl RecordVerifier {
     ) -> Vec<NodeSnapshot> {
         if !self.bundle.as_ref().is_some_and(|b| Arc::ptr_eq(b, bundle)) {
             // A new bundle (root added or removed): every chain is checked again.
-            self.ids.clear();
-            self.values.clear();
+            self.cache.clear();
             self.bundle = Some(bundle.clone());
         }
         if let Some(me) = nodes.iter().find(|n| n.is_self) {
-            self.self_name = Some(me.name.clone());
+            self.report.self_name = Some(me.name.clone());
         }
-        let present: HashSet<Incarnation> = nodes
-            .iter()
-            .map(|n| (n.name.clone(), n.generation))
-            .collect();
-        self.ids.retain(|k, _| present.contains(k));
-        self.values.retain(|(k, _), _| present.contains(k));
-        nodes
+        self.pass += 1;
+        let snapshots = nodes
             .into_iter()
             .map(|node| self.verify_node(node, bundle, now))
-            .collect()
+            .collect();
+        let pass = self.pass;
+        self.cache.retain(|_, generations| {
+            generations.retain(|_, cached| cached.seen == pass);
+            !generations.is_empty()
+        });
+        snapshots
     }
 
     fn verify_node(
@@ -315,19 +327,31 @@ impl RecordVerifier {
         bundle: &TrustBundle,
         now: SystemTime,
     ) -> NodeSnapshot {
-        let incarnation = (node.name.clone(), node.generation);
-        let (id, previous) = match self.identity(&node, &incarnation, bundle, now) {
-            Some((id, previous)) => (Some(id), previous),
-            None => (None, None),
-        };
+        if !self.cache.contains_key(&node.name) {
+            self.cache.insert(node.name.clone(), BTreeMap::new());
+        }
+        let cached = self
+            .cache
+            .get_mut(&node.name)
+            .expect("inserted above")
+            .entry(node.generation)
+            .or_insert_with(|| CachedNode {
+                seen: 0,
+                id_version: None,
+                verdict: Err(Rejection::Unsigned),
+                previous: None,
+                values: HashMap::new(),
+            });
+        cached.seen = self.pass;
+        let id = self.report.identity(cached, &node, bundle, now);
         let mut key_values = BTreeMap::new();
         if let Some(id) = &id {
+            let previous = cached.previous.clone().filter(|p| p.not_after > now);
             for (key, versioned) in &node.key_values {
                 if key == ID_KEY {
                     continue;
                 }
-                let cache_key = (incarnation.clone(), key.clone());
-                let verdict = match self.values.get(&cache_key) {
+                let verdict = match cached.values.get(key.as_str()) {
                     Some((version, fingerprint, verdict))
                         if *version == versioned.version && *fingerprint == id.fingerprint =>
                     {
@@ -341,10 +365,10 @@ impl RecordVerifier {
                             (verdict, _) => verdict,
                         };
                         if let Err(reason) = verdict {
-                            self.reject(&node, reason, key);
+                            self.report.reject(&node, reason, key);
                         }
-                        self.values.insert(
-                            cache_key,
+                        cached.values.insert(
+                            key.clone(),
                             (versioned.version, id.fingerprint, verdict.clone()),
                         );
                         verdict
@@ -365,22 +389,21 @@ impl RecordVerifier {
             key_values,
         }
     }
+}
 
-    /// The node's verified identity (and the one it replaced, if still unexpired), from
-    /// cache while its `id` value is unchanged and its certificate unexpired.
+impl Reporter {
+    /// The node's verified identity, from `cached` while its `id` value is unchanged and its
+    /// certificate unexpired; checked (and any refusal counted) otherwise.
     fn identity(
         &mut self,
+        cached: &mut CachedNode,
         node: &RawNode,
-        incarnation: &Incarnation,
         bundle: &TrustBundle,
         now: SystemTime,
-    ) -> Option<(Arc<VerifiedId>, Option<Arc<VerifiedId>>)> {
+    ) -> Option<Arc<VerifiedId>> {
         let version = node.key_values.get(ID_KEY).map_or(0, |v| v.version);
-        if self
-            .ids
-            .get(incarnation)
-            .is_none_or(|c| c.version != version)
-        {
+        let expired = cached.verdict.as_ref().is_ok_and(|id| id.not_after <= now);
+        if cached.id_version != Some(version) || expired {
             let verdict = match node.key_values.get(ID_KEY) {
                 Some(id) => check_id(&node.name, node.generation, id, bundle, now).map(Arc::new),
                 None => Err(Rejection::Unsigned),
@@ -394,34 +417,14 @@ impl RecordVerifier {
             if verdict.is_err() && !node.is_self && self.self_name.as_ref() == Some(&node.name) {
                 self.impersonation(&node.name, node.generation);
             }
-            let previous = match self.ids.remove(incarnation) {
-                Some(CachedId {
-                    verdict: Ok(old), ..
-                }) if verdict.is_ok() => Some(old),
+            cached.previous = match (&cached.verdict, &verdict) {
+                (Ok(old), Ok(_)) => Some(old.clone()),
                 _ => None,
             };
-            self.ids.insert(
-                incarnation.clone(),
-                CachedId {
-                    version,
-                    verdict,
-                    previous,
-                },
-            );
+            cached.verdict = verdict;
+            cached.id_version = Some(version);
         }
-        let cached = self.ids.get(incarnation)?;
-        match &cached.verdict {
-            Ok(id) if id.not_after > now => {
-                let previous = cached.previous.clone().filter(|p| p.not_after > now);
-                Some((id.clone(), previous))
-            }
-            Ok(_) => {
-                // Expired since it was verified: check it again (and count it) next time.
-                self.ids.remove(incarnation);
-                None
-            }
-            Err(_) => None,
-        }
+        cached.verdict.as_ref().ok().cloned()
     }
 
     /// Whether (`node`, `reason`) is logged for the first time.
