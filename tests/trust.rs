@@ -8,13 +8,12 @@
 //! stay as it was, and every attempt must be counted.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use chitchat::ChitchatId;
 use weft_tests::agent::{
     Cluster, TestAgent, free_port, service_table, test_runtime, upstream_table, wait_until,
 };
@@ -146,16 +145,40 @@ fn rejected(agent: &TestAgent, reason: &str) -> f64 {
     ))
 }
 
-fn record(name: &str, tunnel: SocketAddr, roles: &[&str]) -> String {
+/// Addresses a rogue claims: loopback's discard port, where no agent listens.
+const CLAIMED_ADDR: &str = "127.0.0.1:9";
+
+/// A node record for `name` at [`CLAIMED_ADDR`] with `roles`, unsigned.
+fn record(name: &str, roles: &[&str]) -> String {
     serde_json::json!({
         "name": name,
-        "gossip_addr": tunnel,
-        "tunnel_addr": tunnel,
+        "gossip_addr": CLAIMED_ADDR,
+        "tunnel_addr": CLAIMED_ADDR,
         "roles": roles,
         "version": "rogue",
         "started_at": 0,
     })
     .to_string()
+}
+
+/// A rogue gossip member of `mesh` named `name` at `generation`, publishing `values`.
+fn rogue(
+    rt: &tokio::runtime::Runtime,
+    mesh: &Mesh,
+    name: &str,
+    generation: u64,
+    values: Vec<(String, String)>,
+) -> Rogue {
+    let seeds = vec![mesh.cluster.agents[0].spec.gossip_addr()];
+    rt.block_on(Rogue::start(
+        &mesh.cluster.keyring,
+        CLUSTER_ID,
+        seeds,
+        name,
+        generation,
+        values,
+    ))
+    .expect("start a rogue gossip member")
 }
 
 const PASSING_API: &str = r#"{"port":1,"protocol":"tcp","health":"passing","weight":100}"#;
@@ -201,28 +224,16 @@ fn a_rogue_with_only_the_gossip_key_cannot_displace_hide_or_impersonate() {
     let before = generations(&mesh);
     let rt = test_runtime();
     let traffic = Traffic::start(mesh.upstream);
-    let seeds = vec![mesh.cluster.agents[0].spec.gossip_addr()];
-    let rogue_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let mut rogues = Vec::new();
     // a2's name at a higher generation, other addresses, left, and claiming api; a1's name
     // (the CA host) left, with the ca role.
     for (name, roles) in [("a2", vec![]), ("a1", vec!["ca"])] {
-        let bind = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let id = ChitchatId::new(name.to_string(), u64::MAX / 4, bind);
         let values = vec![
-            ("node".to_string(), record(name, rogue_addr, &roles)),
+            ("node".to_string(), record(name, &roles)),
             ("state".to_string(), "left".to_string()),
             ("svc:default/api".to_string(), PASSING_API.to_string()),
         ];
-        let rogue = rt.block_on(Rogue::start(
-            &mesh.cluster.keyring,
-            CLUSTER_ID,
-            seeds.clone(),
-            id,
-            bind,
-            values,
-        ));
-        rogues.push(rogue.expect("start rogue"));
+        rogues.push(rogue(&rt, &mesh, name, u64::MAX / 4, values));
     }
     let a3 = &mesh.cluster.agents[2];
     let counted = wait_until(Duration::from_secs(10), || {
@@ -270,52 +281,28 @@ fn a_rogue_with_its_own_valid_identity_cannot_claim_more_than_it_holds() {
         .expect("a1 is a CA host");
     // A host that joined legitimately as "rogue" with no services, then was compromised.
     let signer = node_signer(&pki.bundle(), &ca, "rogue", &[]).unwrap();
-    let seeds = vec![mesh.cluster.agents[0].spec.gossip_addr()];
-    let bind = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let generation = 1;
     let own = signed_values(
         &signer,
         "rogue",
-        generation,
+        1,
         &[
-            ("node", record("rogue", bind, &["ca"])),
+            ("node", record("rogue", &["ca"])),
             ("svc:default/api", PASSING_API.to_string()),
             ("ca.redeemed", "forged-token".to_string()),
         ],
     )
     .unwrap();
-    let own = rt
-        .block_on(Rogue::start(
-            &mesh.cluster.keyring,
-            CLUSTER_ID,
-            seeds.clone(),
-            ChitchatId::new("rogue".to_string(), generation, bind),
-            bind,
-            own,
-        ))
-        .unwrap();
+    let own = rogue(&rt, &mesh, "rogue", 1, own);
     // Its valid chain and key under a2's name, at a higher generation, marking a2 left.
-    let bind2 = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let generation = u64::MAX / 4;
     let as_a2 = signed_values(
         &signer,
         "a2",
-        u64::MAX / 4,
-        &[
-            ("node", record("a2", bind2, &[])),
-            ("state", "left".to_string()),
-        ],
+        generation,
+        &[("node", record("a2", &[])), ("state", "left".to_string())],
     )
     .unwrap();
-    let as_a2 = rt
-        .block_on(Rogue::start(
-            &mesh.cluster.keyring,
-            CLUSTER_ID,
-            seeds,
-            ChitchatId::new("a2".to_string(), u64::MAX / 4, bind2),
-            bind2,
-            as_a2,
-        ))
-        .unwrap();
+    let as_a2 = rogue(&rt, &mesh, "a2", generation, as_a2);
 
     let a3 = &mesh.cluster.agents[2];
     let counted = wait_until(Duration::from_secs(10), || {

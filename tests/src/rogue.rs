@@ -5,9 +5,10 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use chitchat::transport::{Socket, Transport};
 use chitchat::{ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, spawn_chitchat};
 use rustls_pki_types::PrivateKeyDer;
 use rustls_pki_types::pem::PemObject;
@@ -22,14 +23,16 @@ pub struct Rogue {
 }
 
 impl Rogue {
-    /// Joins the gossip of `cluster` through `seeds` as `id`, publishing `values` in order
-    /// (chitchat gives them versions 1, 2, ...), sealed with the keyring in `keyring`.
+    /// Joins the gossip of `cluster` through `seeds` as node `name` of generation
+    /// `generation`, publishing `values` in order (chitchat gives them versions 1, 2, ...),
+    /// sealed with the keyring in `keyring`. It binds a free loopback port itself and
+    /// advertises it.
     pub async fn start(
         keyring: &Path,
         cluster: &str,
         seeds: Vec<String>,
-        id: ChitchatId,
-        bind: SocketAddr,
+        name: &str,
+        generation: u64,
         values: Vec<(String, String)>,
     ) -> anyhow::Result<Rogue> {
         let keyring = Keyring::load(keyring)?.into_shared();
@@ -38,11 +41,15 @@ impl Rogue {
             GossipMetrics::unregistered(),
             SealConfig::default(),
         );
+        let socket = transport
+            .open(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await?;
+        let bound = socket.local_addr()?;
         let config = ChitchatConfig {
-            chitchat_id: id,
+            chitchat_id: ChitchatId::new(name.to_string(), generation, bound),
             cluster_id: cluster.to_string(),
             gossip_interval: Duration::from_millis(200),
-            listen_addr: bind,
+            listen_addr: bound,
             seed_nodes: seeds,
             failure_detector_config: FailureDetectorConfig::default(),
             marked_for_deletion_grace_period: Duration::from_secs(3600),
@@ -50,13 +57,29 @@ impl Rogue {
             extra_liveness_predicate: None,
             protocol_version: chitchat::ProtocolVersion::V1,
         };
-        let handle = spawn_chitchat(config, values, &transport).await?;
+        let opened = Opened(Mutex::new(Some(socket)));
+        let handle = spawn_chitchat(config, values, &opened).await?;
         Ok(Rogue { handle })
     }
 
     /// Stops gossiping.
     pub async fn stop(self) {
         let _ = self.handle.shutdown().await;
+    }
+}
+
+/// Hands chitchat a socket that is already bound, so its address is known before chitchat
+/// starts (and no port is reserved and released).
+struct Opened(Mutex<Option<Box<dyn Socket>>>);
+
+#[async_trait::async_trait]
+impl Transport for Opened {
+    async fn open(&self, _listen_addr: SocketAddr) -> anyhow::Result<Box<dyn Socket>> {
+        self.0
+            .lock()
+            .expect("never poisoned")
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("the rogue's socket is already in use"))
     }
 }
 
