@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use weft_ca::operator::verify_operator_signature;
 use weft_ca::verify::{to_system_time, unix_secs};
-use weft_ca::{OperatorError, OperatorSigner, SpiffeId, TrustBundle};
+use weft_ca::{OperatorError, OperatorSigner, SpiffeId, TrustBundle, Usage, verify_svid};
 
 use super::model::{PolicyError, PolicySet};
 
@@ -174,23 +174,7 @@ pub fn open(
     trust: &TrustBundle,
     now: SystemTime,
 ) -> Result<VerifiedBundle, BundleError> {
-    let verified = open_persisted(bytes, trust, now)?;
-    let envelope: Envelope = serde_json::from_slice(bytes)
-        .map_err(|e| BundleError::Malformed(format!("envelope: {e}")))?;
-    let cert = URL_SAFE_NO_PAD
-        .decode(&envelope.cert)
-        .map_err(|_| BundleError::Malformed("cert is not base64url".into()))?;
-    let signature = URL_SAFE_NO_PAD
-        .decode(&envelope.signature)
-        .map_err(|_| BundleError::Malformed("signature is not base64url".into()))?;
-    verify_operator_signature(
-        &CertificateDer::from(cert),
-        signed_bytes(&envelope.payload).as_bytes(),
-        &signature,
-        trust,
-        now,
-    )?;
-    Ok(verified)
+    open_checked(bytes, trust, now, true)
 }
 
 /// Verifies and opens the bundle this agent persisted after it accepted it: the operator
@@ -200,6 +184,16 @@ pub fn open_persisted(
     bytes: &[u8],
     trust: &TrustBundle,
     now: SystemTime,
+) -> Result<VerifiedBundle, BundleError> {
+    open_checked(bytes, trust, now, false)
+}
+
+/// Both openings; `received` adds the check that the operator certificate is valid `now`.
+fn open_checked(
+    bytes: &[u8],
+    trust: &TrustBundle,
+    now: SystemTime,
+    received: bool,
 ) -> Result<VerifiedBundle, BundleError> {
     if bytes.len() > MAX_BUNDLE_BYTES {
         return Err(BundleError::TooLarge(bytes.len()));
@@ -235,6 +229,10 @@ pub fn open_persisted(
         trust,
         issued_at,
     )?;
+    if received {
+        verify_svid(std::slice::from_ref(&cert), trust, now, Usage::Client)
+            .map_err(OperatorError::Untrusted)?;
+    }
     if payload.td != trust.trust_domain().as_str() {
         return Err(BundleError::ForeignTrustDomain {
             bundle: payload.td,
