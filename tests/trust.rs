@@ -4,6 +4,7 @@
 //! upstream). A rogue gossip member that holds the gossip key, first with no identity, then
 //! with a valid node SVID of its own, tries to take a2's and a1's names, mark them left,
 //! claim services outside its scope and the `ca` role, and replay a2's own signed values.
+//! A member that advertises a policy version it does not serve must not freeze policy.
 //! Honest traffic runs through a3 the whole time: it must see 0 failures, every catalog must
 //! stay as it was, and every attempt must be counted.
 
@@ -150,10 +151,15 @@ const CLAIMED_ADDR: &str = "127.0.0.1:9";
 
 /// A node record for `name` at [`CLAIMED_ADDR`] with `roles`, unsigned.
 fn record(name: &str, roles: &[&str]) -> String {
+    record_at(name, CLAIMED_ADDR, roles)
+}
+
+/// A node record for `name` whose tunnel is at `tunnel`, with `roles`, unsigned.
+fn record_at(name: &str, tunnel: &str, roles: &[&str]) -> String {
     serde_json::json!({
         "name": name,
         "gossip_addr": CLAIMED_ADDR,
-        "tunnel_addr": CLAIMED_ADDR,
+        "tunnel_addr": tunnel,
         "roles": roles,
         "version": "rogue",
         "started_at": 0,
@@ -340,4 +346,100 @@ fn a_rogue_with_its_own_valid_identity_cannot_claim_more_than_it_holds() {
     println!("honest requests during the attack: {sent}, failed: {failed}");
     assert!(sent > 100, "only {sent} requests");
     assert_eq!(failed, 0, "honest requests failed: {errors:?}");
+}
+
+/// Publishes a policy set that allows everything (a new version each time) with the real CLI
+/// on a1, and waits until every agent enforces it; returns the version and how long that took.
+fn apply_policy(mesh: &Mesh, name: &str) -> (u64, Duration) {
+    let dir = mesh.cluster.dir().join("policies").join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("mesh.yaml"),
+        "apiVersion: weft.io/v1alpha1\nkind: Mesh\nmetadata: {name: mesh}\nspec: {default: allow}\n",
+    )
+    .unwrap();
+    let a1 = &mesh.cluster.agents[0];
+    let started = Instant::now();
+    let out = a1.cli(
+        &["policy", "apply", "-f", dir.to_str().unwrap()],
+        Some(mesh.cluster.pki.operator_dir()),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let version = a1.policy_version();
+    let everywhere = wait_until(Duration::from_secs(15), || {
+        mesh.cluster
+            .agents
+            .iter()
+            .all(|agent| agent.policy_version() == version)
+    });
+    assert!(
+        everywhere.is_some(),
+        "version {version} did not reach every agent: {:?}\n{}",
+        mesh.cluster
+            .agents
+            .iter()
+            .map(|a| a.policy_version())
+            .collect::<Vec<_>>(),
+        mesh.cluster.logs()
+    );
+    (version, started.elapsed())
+}
+
+#[test]
+fn a_member_advertising_a_policy_it_does_not_serve_cannot_freeze_policy() {
+    let mesh = mesh();
+    let (v1, _) = apply_policy(&mesh, "v1");
+    let traffic = Traffic::start(mesh.upstream);
+    let rt = test_runtime();
+    // A compromised host with its own valid node SVID advertises a far higher version, and
+    // points its tunnel address at a2, which serves the (older) bundle it really holds.
+    let ca = mesh.cluster.agents[0].spec.ca.clone().unwrap();
+    let signer = node_signer(&mesh.cluster.pki.bundle(), &ca, "liar", &[]).unwrap();
+    let a2 = &mesh.cluster.agents[1].spec;
+    let a2_tunnel = format!("{}:{}", a2.ip, a2.tunnel_port);
+    let advert = format!("{}:{}", v1 + 1_000_000_000, "ab".repeat(32));
+    let values = signed_values(
+        &signer,
+        "liar",
+        1,
+        &[
+            ("node", record_at("liar", &a2_tunnel, &[])),
+            ("policy", advert),
+        ],
+    )
+    .unwrap();
+    let liar = rogue(&rt, &mesh, "liar", 1, values);
+    let lying =
+        |agent: &TestAgent| agent.metric("weft_policy_sync_peer_failures_total{result=\"lying\"}");
+    let caught = wait_until(Duration::from_secs(15), || {
+        mesh.cluster.agents.iter().all(|agent| lying(agent) >= 1.0)
+    });
+    assert!(
+        caught.is_some(),
+        "not every agent counted the liar: {:?}\n{}",
+        mesh.cluster.agents.iter().map(lying).collect::<Vec<_>>(),
+        mesh.cluster.logs()
+    );
+    // The operator's next version still reaches everyone.
+    let (v2, took) = apply_policy(&mesh, "v2");
+    println!(
+        "version {v2} reached every agent {took:?} after `weft policy apply`, with the liar up"
+    );
+    assert!(v2 > v1);
+    assert!(
+        mesh.cluster.agents[2]
+            .log()
+            .contains("policy advert not honoured"),
+        "a3 did not log the liar"
+    );
+    rt.block_on(liar.stop());
+    let (sent, failed, errors) = traffic.finish();
+    assert_eq!(
+        failed, 0,
+        "{sent} honest requests, {failed} failed: {errors:?}"
+    );
 }
