@@ -190,8 +190,13 @@ impl Agent {
             ))
         });
 
-        let policy = PolicyStore::load(&config.node.data_dir, bundle.clone(), metrics.registry())
-            .context("failed to register metrics")?;
+        let policy = PolicyStore::load(
+            &config.node.data_dir,
+            bundle.clone(),
+            config.policy.min_version,
+            metrics.registry(),
+        )
+        .context("failed to register metrics")?;
         let identities: SharedIdentities = Arc::default();
         let shared = Arc::new(Shared {
             policy,

@@ -92,6 +92,14 @@ pub enum OfferError {
         /// The version both claim.
         version: u64,
     },
+    /// Its version is below `[policy] min_version`.
+    #[error("policy version {offered} is below policy.min_version {minimum} of this agent")]
+    BelowMinimum {
+        /// The offered version.
+        offered: u64,
+        /// The configured floor.
+        minimum: u64,
+    },
     /// It could not be persisted, so it was not applied.
     #[error("cannot persist the policy bundle to {path}: {reason}")]
     Persist {
@@ -109,6 +117,7 @@ impl OfferError {
             OfferError::Bundle(e) => e.reason(),
             OfferError::Older { .. } => "older_version",
             OfferError::Conflict { .. } => "version_conflict",
+            OfferError::BelowMinimum { .. } => "below_min_version",
             OfferError::Persist { .. } => "persist_failed",
         }
     }
@@ -190,8 +199,21 @@ pub struct PolicyStore {
     offer_lock: Mutex<()>,
     path: PathBuf,
     trust: SharedBundle,
+    /// `[policy] min_version`: older bundles are refused.
+    min_version: u64,
     metrics: PolicyMetrics,
     changed: watch::Sender<u64>,
+}
+
+/// Refuses `version` below the configured floor.
+fn check_minimum(version: u64, minimum: u64) -> Result<(), OfferError> {
+    if version < minimum {
+        return Err(OfferError::BelowMinimum {
+            offered: version,
+            minimum,
+        });
+    }
+    Ok(())
 }
 
 /// [`PolicyStore::offer`] on tokio's blocking pool: verifying and compiling a large set takes
@@ -209,16 +231,23 @@ pub async fn offer_off_runtime(
 }
 
 impl PolicyStore {
-    /// Loads the persisted bundle from `data_dir`, if any.
+    /// Loads the persisted bundle from `data_dir`, if any; bundles older than `min_version`
+    /// are refused, the persisted one included.
     pub fn load(
         data_dir: &Path,
         trust: SharedBundle,
+        min_version: u64,
         registry: &Registry,
     ) -> prometheus::Result<PolicyStore> {
         let metrics = PolicyMetrics::new(registry)?;
         let path = data_dir.join(POLICY_FILE);
+        let opened = |bytes: &[u8]| -> Result<VerifiedBundle, OfferError> {
+            let verified = bundle::open_persisted(bytes, &trust.load(), SystemTime::now())?;
+            check_minimum(verified.version, min_version)?;
+            Ok(verified)
+        };
         let active = match std::fs::read(&path) {
-            Ok(bytes) => match bundle::open_persisted(&bytes, &trust.load(), SystemTime::now()) {
+            Ok(bytes) => match opened(&bytes) {
                 Ok(verified) => {
                     info!(version = verified.version, digest = %verified.digest, "enforcing the persisted policy bundle");
                     active_from(verified)
@@ -257,9 +286,15 @@ impl PolicyStore {
             offer_lock: Mutex::new(()),
             path,
             trust,
+            min_version,
             metrics,
             changed,
         })
+    }
+
+    /// `[policy] min_version`.
+    pub fn min_version(&self) -> u64 {
+        self.min_version
     }
 
     /// The policy in force.
@@ -307,6 +342,7 @@ impl PolicyStore {
 
     fn try_offer(&self, bytes: &[u8]) -> Result<Offered, OfferError> {
         let verified = bundle::open(bytes, &self.trust.load(), SystemTime::now())?;
+        check_minimum(verified.version, self.min_version)?;
         let current = self.active.load();
         if let Some(held) = &current.bundle {
             // Bundles are ordered by (version, digest): two operators who publish the same
@@ -398,14 +434,45 @@ mod tests {
         "apiVersion: weft.io/v1alpha1\nkind: Mesh\nmetadata: {name: mesh}\nspec: {default: deny}\n";
 
     fn store(data_dir: &Path, trust: &weft_ca::TrustBundle) -> (PolicyStore, Registry) {
+        store_with_minimum(data_dir, trust, 0)
+    }
+
+    fn store_with_minimum(
+        data_dir: &Path,
+        trust: &weft_ca::TrustBundle,
+        min_version: u64,
+    ) -> (PolicyStore, Registry) {
         let registry = Registry::new();
         let store = PolicyStore::load(
             data_dir,
             Arc::new(ArcSwap::from_pointee(trust.clone())),
+            min_version,
             &registry,
         )
         .unwrap();
         (store, registry)
+    }
+
+    #[test]
+    fn bundles_below_the_minimum_version_are_refused_even_from_disk() {
+        let f = fixture(TD);
+        let data = f.dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        let (first, _) = store(&data, &f.trust);
+        let v5 = sign(files(ALLOW_ALL), 5, &f.signer).unwrap();
+        first.offer(&v5, "test").unwrap();
+        // The operator raised the floor past the persisted bundle: it is not enforced.
+        let (second, registry) = store_with_minimum(&data, &f.trust, 6);
+        assert_eq!(second.active().engine.state_name(), "unavailable");
+        assert_eq!(counted(&registry, "refused", "below_min_version"), 1);
+        let err = second.offer(&v5, "peer").unwrap_err();
+        assert_eq!(err.reason(), "below_min_version");
+        assert!(err.to_string().contains("min_version 6"), "{err}");
+        let v6 = sign(files(ALLOW_ALL), 6, &f.signer).unwrap();
+        assert_eq!(
+            second.offer(&v6, "peer").unwrap(),
+            Offered::Applied { version: 6 }
+        );
     }
 
     fn counted(registry: &Registry, result: &str, reason: &str) -> u64 {

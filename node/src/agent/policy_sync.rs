@@ -174,8 +174,8 @@ impl Backoff {
     }
 }
 
-/// Alive members advertising a later bundle than ours (by version, then digest), latest
-/// first, shuffled among equals so fetches spread over the members that have it.
+/// Alive members advertising a later bundle than ours (by version, then digest) and not
+/// below `[policy] min_version`, latest first, shuffled among equals so fetches spread over the members that have it.
 fn newer_peers(shared: &Shared) -> Vec<(String, SocketAddr, PolicyAdvert)> {
     let ours = shared
         .policy
@@ -183,6 +183,7 @@ fn newer_peers(shared: &Shared) -> Vec<(String, SocketAddr, PolicyAdvert)> {
         .advert()
         .map(|a| (a.version, a.digest))
         .unwrap_or_default();
+    let minimum = shared.policy.min_version();
     let catalog = shared.catalog.current();
     let mut peers: Vec<(String, SocketAddr, PolicyAdvert)> = catalog
         .members
@@ -191,7 +192,7 @@ fn newer_peers(shared: &Shared) -> Vec<(String, SocketAddr, PolicyAdvert)> {
         .filter_map(|m| {
             let advert = m.policy.as_ref()?;
             let addr = m.record.as_ref()?.tunnel_addr;
-            ((advert.version, advert.digest.clone()) > ours)
+            (advert.version >= minimum && (advert.version, advert.digest.clone()) > ours)
                 .then(|| (m.name.clone(), addr, advert.clone()))
         })
         .collect();

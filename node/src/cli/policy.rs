@@ -120,7 +120,7 @@ pub(super) fn apply(
         Some(v) => v,
         // Seconds since the epoch: grows across operators and machines, and past the
         // current version even if clocks disagree.
-        None => unix_now().max(current.version + 1),
+        None => unix_now().max(current.version.saturating_add(1)),
     };
     let bytes = bundle::sign(files, version, &signer)?;
     let runtime = tokio::runtime::Builder::new_current_thread()

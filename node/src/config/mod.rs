@@ -46,6 +46,16 @@ pub struct Config {
     pub upstreams: Vec<UpstreamConfig>,
     /// `[outbound]`.
     pub outbound: OutboundConfig,
+    /// `[policy]`.
+    pub policy: PolicyConfig,
+}
+
+/// `[policy]`: which policy bundles this agent accepts.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PolicyConfig {
+    /// Bundles older than this version are refused, even if correctly signed (an operator's
+    /// floor against rollback to an old policy; 0 accepts all).
+    pub min_version: u64,
 }
 
 /// `[[upstream]]`: a local listener whose connections go to a mesh service.
@@ -292,6 +302,9 @@ impl Config {
         if self.outbound != new.outbound {
             need_restart.push("outbound");
         }
+        if self.policy != new.policy {
+            need_restart.push("policy");
+        }
         ReloadChanges {
             services: self.services != new.services,
             log_level: self.log.level != new.log.level,
@@ -323,6 +336,15 @@ struct RawConfig {
     upstream: Vec<RawUpstream>,
     #[serde(default)]
     outbound: RawOutbound,
+    #[serde(default)]
+    policy: RawPolicy,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    #[serde(default)]
+    min_version: u64,
 }
 
 #[derive(Deserialize)]
@@ -949,6 +971,9 @@ impl RawConfig {
             services,
             upstreams,
             outbound: OutboundConfig { http_proxy },
+            policy: PolicyConfig {
+                min_version: self.policy.min_version,
+            },
         })
     }
 }

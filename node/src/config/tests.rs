@@ -253,6 +253,19 @@ fn reload_separates_live_changes_from_restart_changes() {
 }
 
 #[test]
+fn policy_min_version_defaults_to_zero_and_needs_a_restart() {
+    let old = parse(GOOD).unwrap();
+    assert_eq!(old.policy.min_version, 0);
+    let new = parse(&format!("{GOOD}\n[policy]\nmin_version = 1796000000\n")).unwrap();
+    assert_eq!(new.policy.min_version, 1_796_000_000);
+    assert_eq!(old.reload_changes(&new).need_restart, vec!["policy"]);
+    let err = error(&format!("{GOOD}\n[policy]\nmin_version = -1\n"));
+    assert!(err.contains("policy.min_version"), "{err}");
+    let err = error(&format!("{GOOD}\n[policy]\nminimum = 3\n"));
+    assert!(err.contains("minimum"), "{err}");
+}
+
+#[test]
 fn rate_limits_apply_to_http_services_with_burst_defaulting_to_the_rate() {
     let text = format!(
         "{GOOD}\n[[service]]\nname = \"web\"\nport = 8081\nprotocol = \"http\"\nrate_limit = {{ rps = 50 }}\n"

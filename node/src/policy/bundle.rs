@@ -67,6 +67,16 @@ pub enum BundleError {
         /// Ours.
         ours: String,
     },
+    /// Its version is further above its issue time than [`MAX_VERSION_AHEAD`].
+    #[error(
+        "policy version {version} is too high: versions may be at most {limit} (the issue time in unix seconds plus ten years), so that no bundle can leave no room for the next one"
+    )]
+    VersionTooFar {
+        /// The version.
+        version: u64,
+        /// The highest version allowed for its issue time.
+        limit: u64,
+    },
     /// Issued later than now plus the allowed clock skew.
     #[error("policy bundle is issued in the future (unix time {0}); check the clocks")]
     NotYetValid(i64),
@@ -94,6 +104,7 @@ impl BundleError {
             BundleError::Signature(_) => "untrusted_signer",
             BundleError::ForeignTrustDomain { .. } => "foreign_trust_domain",
             BundleError::NotYetValid(_) => "not_yet_valid",
+            BundleError::VersionTooFar { .. } => "version_too_far",
             BundleError::Invalid(_) => "invalid_policy",
         }
     }
@@ -143,10 +154,12 @@ pub fn sign(
     version: u64,
     signer: &OperatorSigner,
 ) -> Result<Vec<u8>, BundleError> {
+    let issued_at = unix_secs(SystemTime::now());
+    check_version_bound(version, issued_at)?;
     let payload = Payload {
         td: signer.id().trust_domain().to_string(),
         version,
-        issued_at: unix_secs(SystemTime::now()),
+        issued_at,
         files,
     };
     let payload_json = serde_json::to_vec(&payload).expect("the payload always serializes");
@@ -242,6 +255,7 @@ fn open_checked(
     if payload.version == 0 {
         return Err(malformed("version 0; versions start at 1".into()));
     }
+    check_version_bound(payload.version, payload.issued_at)?;
     let named: Vec<(&str, &str)> = payload
         .files
         .iter()
@@ -257,6 +271,21 @@ fn open_checked(
         set,
         bytes: bytes.to_vec(),
     })
+}
+
+/// How far above its issue time (in unix seconds) a bundle's version may be: ten years. The
+/// default version is the issue time itself, so this leaves every operator room, while a
+/// version near `u64::MAX` (which would leave no room for the next bundle, freezing policy
+/// for good) is refused by `weft policy apply` and by every agent.
+pub const MAX_VERSION_AHEAD: u64 = 10 * 365 * 86_400;
+
+/// Refuses `version` if it is more than [`MAX_VERSION_AHEAD`] above `issued_at`.
+fn check_version_bound(version: u64, issued_at: i64) -> Result<(), BundleError> {
+    let limit = (issued_at.max(0) as u64).saturating_add(MAX_VERSION_AHEAD);
+    if version > limit {
+        return Err(BundleError::VersionTooFar { version, limit });
+    }
+    Ok(())
 }
 
 /// The version and digest a bundle claims, read without verifying anything: enough to tell
@@ -436,15 +465,20 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn foreign_trust_domain_future_issue_version_zero_and_invalid_sets_are_refused() {
+    fn foreign_trust_domain_future_issue_version_zero_or_too_far_and_invalid_sets_are_refused() {
         let f = fixture(TD);
         let key_pem = std::fs::read_to_string(f.root.join(pki::OPERATOR_KEY)).unwrap();
         let cert = f.signer.cert_der().to_vec();
         let now = unix_secs(SystemTime::now());
-        let cases: [(Vec<u8>, &str); 4] = [
+        let cases: [(Vec<u8>, &str); 5] = [
             (
                 payload_json("other.test", 5, now, ALLOW_ALL),
                 "foreign_trust_domain",
+            ),
+            // Signed by a real operator with another tool, past the bound.
+            (
+                payload_json(TD, u64::MAX, now, ALLOW_ALL),
+                "version_too_far",
             ),
             (payload_json(TD, 5, now + 3600, ALLOW_ALL), "not_yet_valid"),
             (payload_json(TD, 0, now, ALLOW_ALL), "malformed"),
@@ -477,6 +511,21 @@ pub(crate) mod tests {
         let err = open(&bytes, &f.trust, later).unwrap_err();
         assert_eq!(err.reason(), "untrusted_signer", "{err}");
         assert!(err.to_string().contains("expired"), "{err}");
+    }
+
+    #[test]
+    fn a_version_that_leaves_no_room_for_the_next_is_not_signed() {
+        let f = fixture(TD);
+        for version in [u64::MAX, u64::MAX / 2] {
+            let err = sign(files(ALLOW_ALL), version, &f.signer).unwrap_err();
+            assert_eq!(err.reason(), "version_too_far", "{err}");
+        }
+        let highest = unix_secs(SystemTime::now()) as u64 + MAX_VERSION_AHEAD - 60;
+        let bytes = sign(files(ALLOW_ALL), highest, &f.signer).unwrap();
+        assert_eq!(
+            open(&bytes, &f.trust, SystemTime::now()).unwrap().version,
+            highest
+        );
     }
 
     #[test]
