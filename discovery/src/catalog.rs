@@ -69,7 +69,7 @@ pub struct Member {
     /// The member's verified node identity; `None` for a member that has none yet (joining)
     /// or whose records did not verify: such a member is listed, never routed to.
     #[serde(default)]
-    pub identity: Option<NodeIdentity>,
+    pub identity: Option<Arc<NodeIdentity>>,
     /// Whether this member is the local agent.
     pub is_self: bool,
 }
@@ -118,9 +118,10 @@ pub struct NodeSnapshot {
     /// Whether it is the local agent.
     pub is_self: bool,
     /// Its verified identity, if it has one.
-    pub identity: Option<NodeIdentity>,
-    /// Its verified key-values (signature envelopes removed).
-    pub key_values: BTreeMap<String, String>,
+    pub identity: Option<Arc<NodeIdentity>>,
+    /// Its verified key-values (signature envelopes removed), shared with the verifier's
+    /// cache so a refresh copies none of them.
+    pub key_values: BTreeMap<String, Arc<str>>,
 }
 
 /// The membership view and the service catalog at one moment.
@@ -159,10 +160,7 @@ impl Catalog {
                 .key_values
                 .get(crate::record::NODE_KEY)
                 .and_then(|v| crate::record::decode(v));
-            let left = node
-                .key_values
-                .get(crate::record::STATE_KEY)
-                .map(String::as_str)
+            let left = node.key_values.get(crate::record::STATE_KEY).map(|v| &**v)
                 == Some(crate::record::STATE_LEFT);
             let state = if left {
                 MemberState::Left
@@ -334,12 +332,12 @@ mod tests {
             live,
             late: false,
             is_self: false,
-            identity: Some(NodeIdentity {
+            identity: Some(Arc::new(NodeIdentity {
                 serial_hex: format!("{generation:02x}"),
                 not_after: u64::MAX,
                 is_ca: false,
-            }),
-            key_values: BTreeMap::from([(NODE_KEY.to_string(), record::encode(&record))]),
+            })),
+            key_values: BTreeMap::from([(NODE_KEY.to_string(), record::encode(&record).into())]),
         }
     }
 
@@ -380,7 +378,7 @@ mod tests {
     #[test]
     fn a_withdrawn_service_has_no_endpoint() {
         let mut n = with_service(node("a", 1, true), "api", Health::Passing);
-        n.key_values.insert("svc:default/old".into(), String::new());
+        n.key_values.insert("svc:default/old".into(), "".into());
         let catalog = Catalog::build([n]);
         assert_eq!(catalog.services.len(), 1);
         assert!(
@@ -399,7 +397,7 @@ mod tests {
         };
         node.key_values.insert(
             ServiceKey::new("default", service).gossip_key(),
-            record::encode(&instance),
+            record::encode(&instance).into(),
         );
         node
     }

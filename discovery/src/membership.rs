@@ -436,6 +436,7 @@ async fn refresh_loop(
             changed = live_watcher.changed() => if changed.is_err() { return },
             _ = tick.tick() => {}
         }
+        let now = SystemTime::now();
         let snapshots = {
             let mut guard = chitchat.lock().await;
             // Our own values as we signed them, even if a forged delta overwrote one.
@@ -443,37 +444,42 @@ async fn refresh_loop(
                 .lock()
                 .expect("local state lock is never poisoned")
                 .sync(guard.self_node_state());
-            snapshot(&guard, &mut heartbeats, interval)
+            snapshot(&guard, &mut heartbeats, interval, &verifier, now)
         };
-        let verified = verifier.verify(snapshots, &bundle.load_full(), SystemTime::now());
+        let verified = verifier.verify(snapshots, &bundle.load_full(), now);
         let catalog = Catalog::build(verified);
         metrics.set_members(catalog.member_counts());
         publisher.publish(catalog);
     }
 }
 
-/// Copies what the catalog needs out of chitchat.
+/// Copies what the catalog needs out of chitchat: every value's version, and the values
+/// `verifier` has not checked at that version yet.
 fn snapshot(
     chitchat: &chitchat::Chitchat,
     heartbeats: &mut HeartbeatTracker,
     interval: Duration,
+    verifier: &RecordVerifier,
+    now: SystemTime,
 ) -> Vec<RawNode> {
     let me = chitchat.self_chitchat_id();
     let live: std::collections::HashSet<&ChitchatId> = chitchat.live_nodes().collect();
-    let now = Instant::now();
+    let instant = Instant::now();
     let mut snapshots = Vec::with_capacity(chitchat.node_states().len());
     for (id, state) in chitchat.node_states() {
         let is_self = id == me;
         let is_live = is_self || live.contains(id);
-        if heartbeats.is_joining(id, is_live, now, interval) {
+        if heartbeats.is_joining(id, is_live, instant, interval) {
             continue;
         }
-        let quiet_for = heartbeats.observe(id, u64::from(state.heartbeat()), now);
+        let quiet_for = heartbeats.observe(id, u64::from(state.heartbeat()), instant);
         let late_after = chitchat
             .failure_detection_timeout(id)
             .map(|timeout| timeout / 2)
             .unwrap_or(interval * 4)
             .max(interval * 2);
+        let id_version = state.get_versioned(ID_KEY).map_or(0, |v| v.version);
+        let known = verifier.known(&id.node_id, id.generation_id, id_version, now);
         snapshots.push(RawNode {
             name: id.node_id.to_string(),
             generation: id.generation_id,
@@ -486,7 +492,7 @@ fn snapshot(
                 .map(|(k, v)| {
                     let value = Versioned {
                         version: v.version,
-                        value: v.value.clone(),
+                        value: (!known.has(k, v.version)).then(|| v.value.clone()),
                     };
                     (k.to_string(), value)
                 })

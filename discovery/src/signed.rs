@@ -199,8 +199,9 @@ fn open(value: &str) -> Option<(u64, Vec<u8>, &str)> {
 pub struct Versioned {
     /// chitchat's version of the value.
     pub version: u64,
-    /// The value as published.
-    pub value: String,
+    /// The value as published; `None` when the verifier already holds its verdict at this
+    /// version ([`RecordVerifier::known`]), so the refresh need not copy it.
+    pub value: Option<String>,
 }
 
 /// One chitchat node (one incarnation) as chitchat holds it, before verification.
@@ -232,7 +233,7 @@ pub struct NodeIdentity {
 }
 
 struct VerifiedId {
-    identity: NodeIdentity,
+    identity: Arc<NodeIdentity>,
     not_after: SystemTime,
     leaf: CertificateDer<'static>,
     fingerprint: [u8; 32],
@@ -241,7 +242,7 @@ struct VerifiedId {
 
 /// The verdict on one value at one version, under the identity (leaf fingerprint) current
 /// when it was checked.
-type CachedValue = (u64, [u8; 32], Result<String, Rejection>);
+type CachedValue = (u64, [u8; 32], Result<Arc<str>, Rejection>);
 
 /// What the verifier remembers about one incarnation (name and generation).
 struct CachedNode {
@@ -264,6 +265,28 @@ pub struct RecordVerifier {
     pass: u64,
     bundle: Option<Arc<TrustBundle>>,
     report: Reporter,
+}
+
+/// What a [`RecordVerifier`] holds about one incarnation ([`RecordVerifier::known`]).
+pub struct KnownValues<'a> {
+    id_version: u64,
+    node: Option<&'a CachedNode>,
+}
+
+impl KnownValues<'_> {
+    /// Whether the verifier has its verdict on `key` at `version`, under the current `id`.
+    pub fn has(&self, key: &str, version: u64) -> bool {
+        let Some(node) = self.node else {
+            return false;
+        };
+        if key == ID_KEY {
+            return version == self.id_version;
+        }
+        let fingerprint = node.verdict.as_ref().map(|id| id.fingerprint).ok();
+        node.values
+            .get(key)
+            .is_some_and(|(v, fp, _)| *v == version && Some(*fp) == fingerprint)
+    }
 }
 
 /// Counts and logs refusals.
@@ -290,6 +313,29 @@ impl RecordVerifier {
                 self_name: None,
             },
         }
+    }
+
+    /// What this verifier already holds about incarnation (`name`, `generation`) whose `id`
+    /// is at `id_version`, still valid at `now`: values it has a verdict on at their current
+    /// version may be left out of the [`RawNode`] passed to [`RecordVerifier::verify`] with
+    /// the same `now` (copying large values out of chitchat on every refresh is most of what
+    /// signed records would otherwise cost).
+    pub fn known(
+        &self,
+        name: &str,
+        generation: u64,
+        id_version: u64,
+        now: SystemTime,
+    ) -> KnownValues<'_> {
+        let node = self
+            .cache
+            .get(name)
+            .and_then(|g| g.get(&generation))
+            .filter(|cached| {
+                cached.id_version == Some(id_version)
+                    && cached.verdict.as_ref().is_ok_and(|id| id.not_after > now)
+            });
+        KnownValues { id_version, node }
     }
 
     /// Verifies every node against `bundle` at `now`: each snapshot keeps only the values its
@@ -323,7 +369,7 @@ impl RecordVerifier {
 
     fn verify_node(
         &mut self,
-        node: RawNode,
+        mut node: RawNode,
         bundle: &TrustBundle,
         now: SystemTime,
     ) -> NodeSnapshot {
@@ -347,7 +393,8 @@ impl RecordVerifier {
         let mut key_values = BTreeMap::new();
         if let Some(id) = &id {
             let previous = cached.previous.clone().filter(|p| p.not_after > now);
-            for (key, versioned) in &node.key_values {
+            // Keys move into the snapshot; `node` keeps the rest for refusal reports.
+            for (key, versioned) in std::mem::take(&mut node.key_values) {
                 if key == ID_KEY {
                     continue;
                 }
@@ -357,15 +404,17 @@ impl RecordVerifier {
                     {
                         verdict.clone()
                     }
+                    // Left out by a caller that saw it current: nothing to check it with.
+                    _ if versioned.value.is_none() => continue,
                     _ => {
                         let check =
-                            |id| check_value(&node.name, node.generation, key, versioned, id);
+                            |id| check_value(&node.name, node.generation, &key, &versioned, id);
                         let verdict = match (check(id), &previous) {
                             (Err(Rejection::BadSignature), Some(previous)) => check(previous),
                             (verdict, _) => verdict,
                         };
                         if let Err(reason) = verdict {
-                            self.report.reject(&node, reason, key);
+                            self.report.reject(&node, reason, &key);
                         }
                         cached.values.insert(
                             key.clone(),
@@ -375,7 +424,7 @@ impl RecordVerifier {
                     }
                 };
                 if let Ok(inner) = verdict {
-                    key_values.insert(key.clone(), inner);
+                    key_values.insert(key, inner);
                 }
             }
         }
@@ -478,7 +527,8 @@ fn check_id(
     bundle: &TrustBundle,
     now: SystemTime,
 ) -> Result<VerifiedId, Rejection> {
-    let (seq, signature, inner) = open(&id.value).ok_or(Rejection::Unsigned)?;
+    let value = id.value.as_deref().ok_or(Rejection::Malformed)?;
+    let (seq, signature, inner) = open(value).ok_or(Rejection::Unsigned)?;
     let parsed: IdValue = record::decode(inner).ok_or(Rejection::Malformed)?;
     let chain = parsed
         .chain
@@ -513,7 +563,7 @@ fn check_id(
         }
     };
     Ok(VerifiedId {
-        identity: NodeIdentity {
+        identity: Arc::new(NodeIdentity {
             serial_hex: verified.serial_hex.clone(),
             not_after: verified
                 .not_after
@@ -521,7 +571,7 @@ fn check_id(
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
             is_ca,
-        },
+        }),
         not_after: verified.not_after,
         leaf,
         fingerprint,
@@ -536,8 +586,9 @@ fn check_value(
     key: &str,
     versioned: &Versioned,
     id: &VerifiedId,
-) -> Result<String, Rejection> {
-    let (seq, signature, inner) = open(&versioned.value).ok_or(Rejection::Unsigned)?;
+) -> Result<Arc<str>, Rejection> {
+    let value = versioned.value.as_deref().ok_or(Rejection::Malformed)?;
+    let (seq, signature, inner) = open(value).ok_or(Rejection::Unsigned)?;
     let message = signed_message(name, generation, key, seq, &id.fingerprint, inner);
     if !attest::verify_signature(&id.leaf, &message, &signature) {
         return Err(Rejection::BadSignature);
@@ -566,7 +617,7 @@ fn check_value(
     } else if key == REDEEMED_KEY && !id.identity.is_ca && !inner.is_empty() {
         return Err(Rejection::CaRoleUnproven);
     }
-    Ok(inner.to_string())
+    Ok(Arc::from(inner))
 }
 
 #[cfg(test)]
@@ -660,7 +711,7 @@ mod tests {
                 key.into(),
                 Versioned {
                     version: self.version,
-                    value,
+                    value: Some(value),
                 },
             );
             self
@@ -716,7 +767,7 @@ mod tests {
             snapshot.key_values.keys().collect::<Vec<_>>(),
             ["node", "state", "svc:default/api"]
         );
-        assert_eq!(snapshot.key_values["state"], "alive");
+        assert_eq!(&*snapshot.key_values["state"], "alive");
         for reason in Rejection::ALL {
             assert_eq!(metrics.rejected_count(reason), 0, "{reason:?}");
         }
@@ -728,12 +779,14 @@ mod tests {
         let signer = mesh.signer("web-1", &["default/api"], HOUR, false);
         let mut publisher = Publisher::new(&signer, "web-1", 5);
         publisher.record(&[]).service("api");
-        let value = &mut publisher
+        let value = publisher
             .node
             .key_values
             .get_mut("svc:default/api")
             .unwrap()
-            .value;
+            .value
+            .as_mut()
+            .unwrap();
         *value = value.replace("8080", "9090");
         let (snapshot, metrics) = verify_one(&mesh, publisher.node);
         assert!(snapshot.key_values.contains_key("node"));
@@ -781,7 +834,7 @@ mod tests {
             "state".into(),
             Versioned {
                 version: 1,
-                value: "left".into(),
+                value: Some("left".into()),
             },
         );
         let (snapshot, metrics) = verify_one(&mesh, node);
@@ -800,7 +853,7 @@ mod tests {
         let (snapshot, metrics) = verify_one(&mesh, publisher.node);
         assert!(snapshot.key_values.contains_key("svc:default/api"));
         assert!(!snapshot.key_values.contains_key("svc:default/payments"));
-        assert_eq!(snapshot.key_values["svc:default/old"], "");
+        assert_eq!(&*snapshot.key_values["svc:default/old"], "");
         assert_eq!(metrics.rejected_count(Rejection::OutOfScope), 1);
     }
 
@@ -864,7 +917,7 @@ mod tests {
         publisher.record(&[CA_ROLE]).set(REDEEMED_KEY, "t1,t2");
         let (snapshot, _) = verify_one(&mesh, publisher.node);
         assert!(snapshot.identity.as_ref().is_some_and(|i| i.is_ca));
-        assert_eq!(snapshot.key_values[REDEEMED_KEY], "t1,t2");
+        assert_eq!(&*snapshot.key_values[REDEEMED_KEY], "t1,t2");
 
         let plain = mesh.signer("web-1", &[], HOUR, false);
         let mut publisher = Publisher::new(&plain, "web-1", 1);
@@ -898,6 +951,46 @@ mod tests {
             .insert(ID_KEY.into(), renewed.node.key_values[ID_KEY].clone());
         let out = verifier.verify(vec![node], &mesh.bundle, SystemTime::now());
         assert!(out[0].key_values.contains_key("svc:default/api"));
+        for reason in Rejection::ALL {
+            assert_eq!(metrics.rejected_count(reason), 0, "{reason:?}");
+        }
+    }
+
+    #[test]
+    fn a_refresh_need_not_copy_what_the_verifier_already_checked() {
+        let mesh = mesh();
+        let signer = mesh.signer("web-1", &["default/api"], Duration::from_secs(60), false);
+        let mut publisher = Publisher::new(&signer, "web-1", 5);
+        publisher.record(&[]).service("api");
+        let metrics = GossipMetrics::unregistered();
+        let mut verifier = RecordVerifier::new(metrics.clone());
+        let now = SystemTime::now();
+        let full = publisher.node.clone();
+        let id_version = full.key_values[ID_KEY].version;
+        let current = |v: &RecordVerifier, key: &str, version: u64, at: SystemTime| {
+            v.known("web-1", 5, id_version, at).has(key, version)
+        };
+        assert!(!current(&verifier, "node", 2, now), "nothing checked yet");
+        let first = verifier.verify(vec![full.clone()], &mesh.bundle, now);
+        for (key, versioned) in &full.key_values {
+            assert!(current(&verifier, key, versioned.version, now), "{key}");
+        }
+        assert!(!current(&verifier, "node", 9, now), "another version");
+        assert!(
+            !verifier
+                .known("web-1", 5, id_version + 1, now)
+                .has("node", 2)
+        );
+        let later = now + Duration::from_secs(120);
+        assert!(!current(&verifier, ID_KEY, id_version, later), "expired");
+        // Values left out because they are current come back from the cache.
+        let mut slim = full.clone();
+        for versioned in slim.key_values.values_mut() {
+            versioned.value = None;
+        }
+        let second = verifier.verify(vec![slim], &mesh.bundle, now);
+        assert_eq!(first[0].key_values, second[0].key_values);
+        assert_eq!(first[0].identity, second[0].identity);
         for reason in Rejection::ALL {
             assert_eq!(metrics.rejected_count(reason), 0, "{reason:?}");
         }
