@@ -7,7 +7,7 @@
 #   sudo bash tests/bench/run.sh            # everything, about 50 minutes on 2 cores
 #   sudo bash tests/bench/run.sh dataplane  # only the named parts, in the order given
 #
-# Parts: gossip_transport gossip_sim ca_issuance dataplane policy faults.
+# Parts: gossip_transport gossip_sim gossip_records ca_issuance dataplane policy faults.
 # With every part, the documents are written from scratch in a staging folder and copied into
 # docs/ only when every part succeeded; with some parts, their sections replace the old ones
 # in the current documents. Needs root (the fault suite builds network namespaces) and, from
@@ -19,7 +19,7 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$root"
 
-all_parts=(gossip_transport gossip_sim ca_issuance dataplane policy faults)
+all_parts=(gossip_transport gossip_sim gossip_records ca_issuance dataplane policy faults)
 if [ "$#" -gt 0 ]; then
   parts=("$@")
 else

@@ -92,12 +92,21 @@ pub fn node_signer(
     name: &str,
     services: &[&str],
 ) -> anyhow::Result<Arc<RecordSigner>> {
-    let td = TrustDomain::new("test.weft")?;
-    let bundle = TrustBundle::load_pem(td.clone(), bundle)?;
+    let bundle = TrustBundle::load_pem(TrustDomain::new("test.weft")?, bundle)?;
     let ca = CertificateAuthority::load(&ca.0, &ca.1, &bundle)?;
+    issue_signer(&ca, name, services)
+}
+
+/// A record signer for a node SVID that `ca` issues here for `name`, with service scope
+/// `services` (`namespace/name`), valid for an hour.
+pub fn issue_signer(
+    ca: &CertificateAuthority,
+    name: &str,
+    services: &[&str],
+) -> anyhow::Result<Arc<RecordSigner>> {
     let scope = NodeScope::new(services.iter().map(|s| s.to_string()));
     let (key, svid) = ca.issue_local(
-        &SpiffeId::node(&td, name)?,
+        &SpiffeId::node(ca.trust_domain(), name)?,
         Duration::from_secs(3600),
         Some(&scope),
     )?;
