@@ -6,6 +6,7 @@
 //! beside the old one before anything is signed with it.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
@@ -14,6 +15,7 @@ use rustls_pki_types::pem::PemObject;
 use serde::{Deserialize, Serialize};
 use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509Certificate};
 
+use crate::revocation::Revocations;
 use crate::spiffe::{SpiffeId, TrustDomain};
 
 /// How often consumers should poll for a new bundle, in seconds (SPIFFE's suggested default).
@@ -74,12 +76,14 @@ pub enum BundleError {
     UnsupportedKey(usize),
 }
 
-/// The root certificates of one trust domain.
+/// The root certificates of one trust domain, and the operator's revocations in force (which
+/// every chain verified against the bundle is checked with).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TrustBundle {
     trust_domain: TrustDomain,
     roots: Vec<CertificateDer<'static>>,
     sequence: u64,
+    revocations: Arc<Revocations>,
 }
 
 impl TrustBundle {
@@ -99,7 +103,21 @@ impl TrustBundle {
             trust_domain,
             roots,
             sequence,
+            revocations: Arc::default(),
         })
+    }
+
+    /// This bundle with `revocations` in force instead of the ones it had.
+    pub fn with_revocations(&self, revocations: Arc<Revocations>) -> TrustBundle {
+        TrustBundle {
+            revocations,
+            ..self.clone()
+        }
+    }
+
+    /// The revocations in force (empty unless installed with [`TrustBundle::with_revocations`]).
+    pub fn revocations(&self) -> &Arc<Revocations> {
+        &self.revocations
     }
 
     /// Parses PEM text holding one or more root certificates.

@@ -1,6 +1,6 @@
 //! Weft identity: SPIFFE IDs, the PKI (offline root, operator credentials, CA-host
 //! intermediates), SVID issuance and verification, operator signatures, join tokens, trust bundles, the node
-//! scope, the CA protocol (server and client) and the TLS verifiers built on SVIDs.
+//! scope, revocations, the CA protocol (server and client) and the TLS verifiers built on SVIDs.
 
 pub mod attest;
 pub mod bundle;
@@ -9,6 +9,7 @@ pub mod issuer;
 pub mod operator;
 pub mod pki;
 pub mod protocol;
+pub mod revocation;
 pub mod scope;
 pub mod server;
 pub mod spiffe;
@@ -20,6 +21,7 @@ pub use bundle::{BundleError, TrustBundle};
 pub use issuer::{CertificateAuthority, IssueError, IssuedSvid};
 pub use operator::{OperatorCredential, OperatorError, OperatorSigner};
 pub use pki::PkiError;
+pub use revocation::{Revocation, RevocationError, Revocations, RevokedKind};
 pub use scope::NodeScope;
 pub use spiffe::{SpiffeId, SpiffeIdError, TrustDomain, WeftIdentity};
 pub use token::{JoinToken, TokenError};

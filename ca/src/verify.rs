@@ -12,7 +12,9 @@
 //!    `spiffe://other/x` signed by our own CA is refused);
 //! 5. every certificate is inside its validity window, every intermediate is a CA with
 //!    `keyCertSign`, and RFC 5280 path validation (webpki) leads to a root of the bundle;
-//! 6. the leaf's extendedKeyUsage, when present, allows the requested [`Usage`].
+//! 6. the leaf's extendedKeyUsage, when present, allows the requested [`Usage`];
+//! 7. (Weft) no certificate of the chain is revoked by the operator's revocations installed
+//!    in the bundle ([`crate::revocation`]).
 //!
 //! Steps 3, 5 (CA flag, keyUsage, validity) and 6 are checked here explicitly before webpki
 //! runs, so that a refusal names its cause and the certificate it is about; webpki still
@@ -183,6 +185,14 @@ pub enum SvidError {
     /// RFC 5280 path validation failed for another reason.
     #[error("path validation failed: {0}")]
     PathValidation(String),
+    /// The operator revoked a certificate of the chain.
+    #[error("{position} certificate is revoked: {entry}")]
+    Revoked {
+        /// Which certificate.
+        position: ChainPosition,
+        /// The revocation that covers it.
+        entry: String,
+    },
 }
 
 impl SvidError {
@@ -211,6 +221,7 @@ impl SvidError {
             SvidError::WrongUsage(_) => "wrong_usage",
             SvidError::Untrusted(_) => "untrusted",
             SvidError::PathValidation(_) => "path_validation",
+            SvidError::Revoked { .. } => "revoked",
         }
     }
 }
@@ -257,11 +268,18 @@ pub fn verify_svid(
     // Step 5, the checks webpki does not name (or, for keyUsage on CAs, does not do).
     let now_secs = unix_secs(now);
     check_validity(&leaf, ChainPosition(0), now_secs)?;
+    let revocations = bundle.revocations();
     for (i, der) in intermediates.iter().enumerate() {
         let position = i + 1;
         let cert = parse(der, position)?;
         check_signing_certificate(&cert, position)?;
         check_validity(&cert, ChainPosition(position), now_secs)?;
+        if let Some(entry) = revocations.serial(&serial_hex(&cert)) {
+            return Err(SvidError::Revoked {
+                position: ChainPosition(position),
+                entry: entry.to_string(),
+            });
+        }
     }
 
     // Step 6, on the leaf (webpki checks every certificate in the path again below).
@@ -306,17 +324,31 @@ pub fn verify_svid(
     };
     result.map_err(|e| path_error(e, usage))?;
 
+    // Step 7: the operator's revocations in force (intermediates were checked above).
+    let not_before = to_system_time(leaf.validity().not_before.timestamp());
+    let serial_hex = serial_hex(&leaf);
+    if let Some(entry) = revocations.leaf(&id, &serial_hex, not_before) {
+        return Err(SvidError::Revoked {
+            position: ChainPosition(0),
+            entry: entry.to_string(),
+        });
+    }
+
     Ok(VerifiedSvid {
         id,
-        not_before: to_system_time(leaf.validity().not_before.timestamp()),
+        not_before,
         not_after: to_system_time(leaf.validity().not_after.timestamp()),
         scope,
-        serial_hex: leaf
-            .raw_serial()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect(),
+        serial_hex,
     })
+}
+
+/// A certificate's serial number, lowercase hex without separators.
+fn serial_hex(cert: &X509Certificate<'_>) -> String {
+    cert.raw_serial()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// `YYYY-MM-DDTHH:MM:SSZ` (UTC, whole seconds) for messages.

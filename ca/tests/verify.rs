@@ -27,7 +27,10 @@ use weft_ca::scope::NODE_SCOPE_OID;
 use weft_ca::verify::{
     ChainPosition, SvidError, Usage, VerifiedSvid, parse_chain_pem, verify_svid,
 };
-use weft_ca::{CertificateAuthority, NodeScope, SpiffeId, TrustBundle, TrustDomain};
+use weft_ca::{
+    CertificateAuthority, NodeScope, Revocation, Revocations, RevokedKind, SpiffeId, TrustBundle,
+    TrustDomain,
+};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 const TD: &str = "example.org";
@@ -850,4 +853,62 @@ fn openssl_and_verify_svid_both_refuse_a_chain_of_another_root() {
     );
     assert!(!ok, "openssl accepted a chain of another root: {text}");
     assert_eq!(refused(&svid.chain, &ours.bundle).reason(), "untrusted");
+}
+
+// ---- revocations ----
+
+fn revoked(bundle: &TrustBundle, kind: RevokedKind, value: &str, at: SystemTime) -> TrustBundle {
+    let entry = Revocation {
+        kind,
+        value: value.into(),
+        at: weft_ca::verify::unix_secs(at),
+        reason: "test".into(),
+    };
+    let list = Revocations::new(vec![entry], bundle.trust_domain()).unwrap();
+    bundle.with_revocations(std::sync::Arc::new(list))
+}
+
+#[test]
+fn revoked_nodes_ids_and_serials_are_refused_and_new_identities_are_not() {
+    let pki = Pki::new(TD);
+    let node = SpiffeId::node(&td(TD), "web-1").unwrap();
+    let (_, issued) = pki.ca.issue_local(&node, HOUR, None).unwrap();
+    let now = SystemTime::now();
+
+    let by_node = revoked(&pki.bundle, RevokedKind::Node, "web-1", now);
+    let err = refused(&issued.chain, &by_node);
+    assert_eq!(err.reason(), "revoked");
+    assert!(
+        err.to_string()
+            .contains("leaf certificate is revoked: node web-1 (test)"),
+        "{err}"
+    );
+    // A certificate minted after the revocation is a new identity.
+    let earlier = revoked(&pki.bundle, RevokedKind::Node, "web-1", now - DAY);
+    verify(&issued.chain, &earlier).unwrap();
+
+    let by_id = revoked(&pki.bundle, RevokedKind::Id, &node.to_string(), now);
+    assert_eq!(refused(&issued.chain, &by_id).reason(), "revoked");
+
+    let serial = verify(&issued.chain, &pki.bundle).unwrap().serial_hex;
+    let stored = weft_ca::revocation::normalise(RevokedKind::Serial, &serial, &td(TD)).unwrap();
+    let by_serial = revoked(&pki.bundle, RevokedKind::Serial, &stored, now - DAY);
+    assert_eq!(refused(&issued.chain, &by_serial).reason(), "revoked");
+
+    // Revoking the CA host's intermediate cuts off everything it signed.
+    let (_, intermediate) = X509Certificate::from_der(issued.chain[1].as_ref()).unwrap();
+    let ca_serial: String = intermediate
+        .raw_serial()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let stored = weft_ca::revocation::normalise(RevokedKind::Serial, &ca_serial, &td(TD)).unwrap();
+    let by_ca = revoked(&pki.bundle, RevokedKind::Serial, &stored, now);
+    let err = refused(&issued.chain, &by_ca);
+    assert!(err.to_string().starts_with("intermediate"), "{err}");
+
+    // Other identities are untouched.
+    let other = SpiffeId::node(&td(TD), "web-2").unwrap();
+    let (_, fine) = pki.ca.issue_local(&other, HOUR, None).unwrap();
+    verify(&fine.chain, &by_node).unwrap();
 }
