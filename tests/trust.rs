@@ -424,8 +424,9 @@ fn a_member_advertising_a_policy_it_does_not_serve_cannot_freeze_policy() {
     )
     .unwrap();
     let liar = rogue(&rt, &mesh, "liar", 1, values);
-    let lying =
-        |agent: &TestAgent| agent.metric("weft_policy_sync_peer_failures_total{result=\"lying\"}");
+    let lying = |agent: &TestAgent| {
+        agent.metric("weft_bundle_sync_peer_failures_total{kind=\"policy\",result=\"lying\"}")
+    };
     let caught = wait_until(Duration::from_secs(15), || {
         mesh.cluster.agents.iter().all(|agent| lying(agent) >= 1.0)
     });

@@ -72,6 +72,18 @@ pub struct Revocation {
     pub reason: String,
 }
 
+impl Revocation {
+    /// An entry revoking `kind` `value` at `at` (unix seconds), without a reason.
+    pub fn new(kind: RevokedKind, value: impl Into<String>, at: i64) -> Revocation {
+        Revocation {
+            kind,
+            value: value.into(),
+            at,
+            reason: String::new(),
+        }
+    }
+}
+
 impl fmt::Display for Revocation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} {}", self.kind, self.value)?;
@@ -250,18 +262,12 @@ mod tests {
         TrustDomain::new("rev.test").unwrap()
     }
 
-    fn entry(kind: RevokedKind, value: &str, at: i64) -> Revocation {
-        Revocation {
-            kind,
-            value: value.into(),
-            at,
-            reason: String::new(),
-        }
-    }
+    use Revocation as R;
 
     #[test]
     fn a_node_entry_revokes_its_certificates_issued_up_to_the_revocation() {
-        let list = Revocations::new(vec![entry(RevokedKind::Node, "web-1", 1_000)], &td()).unwrap();
+        let list =
+            Revocations::new(vec![R::new(RevokedKind::Node, "web-1", 1_000)], &td()).unwrap();
         let node = SpiffeId::node(&td(), "web-1").unwrap();
         let ca = ca_server_id(&td(), "web-1").unwrap();
         let other = SpiffeId::node(&td(), "web-2").unwrap();
@@ -277,7 +283,7 @@ mod tests {
     fn a_serial_entry_matches_however_the_serial_is_written() {
         let stored = normalise(RevokedKind::Serial, "00:1A:2b", &td()).unwrap();
         assert_eq!(stored, "1a2b");
-        let list = Revocations::new(vec![entry(RevokedKind::Serial, &stored, 0)], &td()).unwrap();
+        let list = Revocations::new(vec![R::new(RevokedKind::Serial, &stored, 0)], &td()).unwrap();
         assert!(list.serial("001a2b").is_some());
         assert!(list.serial("1a2c").is_none());
         let id = SpiffeId::node(&td(), "n").unwrap();
@@ -293,8 +299,8 @@ mod tests {
         let id = "spiffe://rev.test/ns/default/sa/api";
         let list = Revocations::new(
             vec![
-                entry(RevokedKind::Id, id, 100),
-                entry(RevokedKind::Id, id, 300),
+                R::new(RevokedKind::Id, id, 100),
+                R::new(RevokedKind::Id, id, 300),
             ],
             &td(),
         )
@@ -319,7 +325,7 @@ mod tests {
             (RevokedKind::Serial, "AB", "written as"),
         ] {
             let err = Revocations::new(
-                vec![entry(RevokedKind::Node, "ok", 0), entry(kind, value, 0)],
+                vec![R::new(RevokedKind::Node, "ok", 0), R::new(kind, value, 0)],
                 &td(),
             )
             .unwrap_err();

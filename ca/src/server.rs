@@ -20,7 +20,7 @@ use crate::protocol::{CaRequest, CaResponse, MAX_MESSAGE, decode_der, encode_der
 use crate::spiffe::{SpiffeId, WeftIdentity};
 use crate::tls::SharedBundle;
 use crate::token;
-use crate::verify::{Usage, VerifiedSvid, verify_svid};
+use crate::verify::{SvidError, Usage, VerifiedSvid, verify_svid};
 
 /// Shortest and longest service SVID lifetimes a CA host grants (below a few minutes is for
 /// tests and drills: every host renews at half the lifetime).
@@ -159,8 +159,11 @@ impl CaServer {
     }
 
     /// Serves every request stream of one connection until the peer closes it.
+    ///
+    /// The client certificate is verified again for every request against the trust in
+    /// force, so a certificate revoked (or a root removed) after the handshake gets its
+    /// request refused with the reason, and the connection closed.
     pub async fn serve(self: Arc<Self>, connection: quinn::Connection) {
-        let peer = peer_svid(&connection, &self.bundle);
         let remote = connection.remote_address();
         loop {
             let (mut send, mut recv) = match connection.accept_bi().await {
@@ -171,35 +174,48 @@ impl CaServer {
                 }
             };
             let server = self.clone();
-            let peer = peer.clone();
+            let peer = peer_svid(&connection, &self.bundle);
+            let connection = connection.clone();
             tokio::spawn(async move {
-                let response = match recv.read_to_end(MAX_MESSAGE).await {
-                    Ok(bytes) => match serde_json::from_slice::<CaRequest>(&bytes) {
+                let untrusted = peer.is_err();
+                let refuse = |reason: &str, message: String| {
+                    let response = CaResponse::refused(reason, message);
+                    server.metrics.count("unknown", &response);
+                    response
+                };
+                let response = match (recv.read_to_end(MAX_MESSAGE).await, peer) {
+                    (Ok(_), Err(e)) => refuse(
+                        e.reason(),
+                        format!("the client certificate no longer verifies: {e}"),
+                    ),
+                    (Ok(bytes), Ok(peer)) => match serde_json::from_slice::<CaRequest>(&bytes) {
                         Ok(request) => server.handle(peer.as_ref(), request),
-                        Err(e) => {
-                            let response = CaResponse::refused(
-                                "malformed",
-                                format!("request is not valid JSON for weft-ca/1: {e}"),
-                            );
-                            server.metrics.count("unknown", &response);
-                            response
-                        }
-                    },
-                    Err(e) => {
-                        let response = CaResponse::refused(
+                        Err(e) => refuse(
                             "malformed",
-                            format!("request unreadable or over {MAX_MESSAGE} bytes: {e}"),
-                        );
-                        server.metrics.count("unknown", &response);
-                        response
-                    }
+                            format!("request is not valid JSON for weft-ca/1: {e}"),
+                        ),
+                    },
+                    // The client went away mid-request: nothing to answer, nothing malformed.
+                    (
+                        Err(quinn::ReadToEndError::Read(
+                            quinn::ReadError::ConnectionLost(_) | quinn::ReadError::Reset(_),
+                        )),
+                        _,
+                    ) => return,
+                    (Err(e), _) => refuse(
+                        "malformed",
+                        format!("request unreadable or over {MAX_MESSAGE} bytes: {e}"),
+                    ),
                 };
                 if let CaResponse::Refused { reason, message } = &response {
-                    warn!(%remote, peer = ?peer.as_ref().map(|p| p.id.to_string()), %reason, %message, "CA request refused");
+                    warn!(%remote, %reason, %message, "CA request refused");
                 }
                 let bytes = serde_json::to_vec(&response).expect("responses always serialize");
                 if send.write_all(&bytes).await.is_ok() && send.finish().is_ok() {
                     let _ = send.stopped().await;
+                }
+                if untrusted {
+                    connection.close(3u32.into(), b"client certificate no longer trusted");
                 }
             });
         }
@@ -342,12 +358,19 @@ impl CaServer {
 }
 
 /// The verified SVID the peer presented as client certificate, if any.
-fn peer_svid(connection: &quinn::Connection, bundle: &SharedBundle) -> Option<VerifiedSvid> {
-    let chain = connection
-        .peer_identity()?
-        .downcast::<Vec<CertificateDer<'static>>>()
-        .ok()?;
-    verify_svid(&chain, &bundle.load(), SystemTime::now(), Usage::Client).ok()
+/// The client's SVID, verified now: `None` when it presented no certificate (a joining
+/// agent), an error when it presented one that no longer verifies.
+fn peer_svid(
+    connection: &quinn::Connection,
+    bundle: &SharedBundle,
+) -> Result<Option<VerifiedSvid>, SvidError> {
+    let Some(chain) = connection
+        .peer_identity()
+        .and_then(|identity| identity.downcast::<Vec<CertificateDer<'static>>>().ok())
+    else {
+        return Ok(None);
+    };
+    verify_svid(&chain, &bundle.load(), SystemTime::now(), Usage::Client).map(Some)
 }
 
 fn unix_now() -> u64 {

@@ -65,7 +65,9 @@ pub struct Member {
     pub redeemed_tokens: Vec<String>,
     /// The policy bundle the member says it enforces.
     #[serde(default)]
-    pub policy: Option<crate::record::PolicyAdvert>,
+    pub policy: Option<crate::record::BundleAdvert>,
+    /// The revocation bundle the member says it enforces.
+    pub revocations: Option<crate::record::BundleAdvert>,
     /// The member's verified node identity; `None` for a member that has none yet (joining)
     /// or whose records did not verify: such a member is listed, never routed to.
     #[serde(default)]
@@ -184,10 +186,13 @@ impl Catalog {
             };
             let keyring = list(crate::record::KEYRING_KEY);
             let redeemed_tokens = list(crate::record::REDEEMED_KEY);
-            let policy = node
-                .key_values
-                .get(crate::record::POLICY_KEY)
-                .and_then(|v| crate::record::PolicyAdvert::decode(v));
+            let advert = |key: &str| {
+                node.key_values
+                    .get(key)
+                    .and_then(|v| crate::record::BundleAdvert::decode(v))
+            };
+            let policy = advert(crate::record::POLICY_KEY);
+            let revocations = advert(crate::record::REVOCATIONS_KEY);
 
             if let (Some(record), true) = (&record, state.is_routable()) {
                 for (key, value) in &node.key_values {
@@ -225,6 +230,7 @@ impl Catalog {
                     keyring,
                     redeemed_tokens,
                     policy,
+                    revocations,
                     identity: node.identity,
                     is_self: node.is_self,
                 },

@@ -18,6 +18,9 @@ pub use catalog::{Catalog, CatalogHandle, Endpoint, Member, MemberState};
 pub use keyring::{GossipKey, Keyring, KeyringError, SharedKeyring};
 pub use membership::{DiscoveryError, Membership, MembershipConfig};
 pub use metrics::{GossipMetrics, PacketOutcome};
-pub use record::{Health, NodeRecord, PolicyAdvert, Protocol, ServiceKey, ServiceRecord};
+pub use record::{
+    BundleAdvert, Health, NodeRecord, POLICY_KEY, Protocol, REVOCATIONS_KEY, ServiceKey,
+    ServiceRecord,
+};
 pub use signed::{NodeIdentity, RecordVerifier, Rejection};
 pub use transport::{SealConfig, SealedTransport};

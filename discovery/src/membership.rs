@@ -24,8 +24,8 @@ use crate::catalog::{Catalog, CatalogHandle, CatalogPublisher};
 use crate::keyring::SharedKeyring;
 use crate::metrics::GossipMetrics;
 use crate::record::{
-    self, Health, KEYRING_KEY, NODE_KEY, NodeRecord, POLICY_KEY, REDEEMED_KEY, STATE_ALIVE,
-    STATE_KEY, STATE_LEFT, ServiceKey, ServiceRecord,
+    self, Health, KEYRING_KEY, NODE_KEY, NodeRecord, REDEEMED_KEY, STATE_ALIVE, STATE_KEY,
+    STATE_LEFT, ServiceKey, ServiceRecord,
 };
 use crate::signed::{self, ID_KEY, RawNode, RecordVerifier, Versioned};
 use crate::transport::{SealConfig, SealedTransport};
@@ -350,11 +350,12 @@ impl Membership {
         .await;
     }
 
-    /// Advertises the policy bundle this agent enforces.
-    pub async fn set_policy(&self, advert: &crate::record::PolicyAdvert) {
+    /// Advertises the signed bundle this agent enforces under `key` ([`crate::record::POLICY_KEY`] or
+    /// [`crate::record::REVOCATIONS_KEY`]).
+    pub async fn set_advert(&self, key: &'static str, advert: &crate::record::BundleAdvert) {
         let value = advert.encode();
         self.update(move |local, _, _| {
-            local.fields.insert(POLICY_KEY, value.clone());
+            local.fields.insert(key, value.clone());
         })
         .await;
     }

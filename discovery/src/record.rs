@@ -23,6 +23,8 @@ pub const REDEEMED_KEY: &str = "ca.redeemed";
 /// absent before any bundle. Only an advertisement: the bundle itself is fetched from the
 /// member and verified, never believed from gossip.
 pub const POLICY_KEY: &str = "policy";
+/// Key holding the revocation bundle the member enforces, as [`POLICY_KEY`] does for policy.
+pub const REVOCATIONS_KEY: &str = "revocations";
 /// Prefix of the keys holding one JSON [`ServiceRecord`] each; the rest of the key is
 /// `namespace/name`.
 pub const SERVICE_PREFIX: &str = "svc:";
@@ -212,26 +214,26 @@ mod tests {
     }
 }
 
-/// A member's advertised policy bundle ([`POLICY_KEY`]).
+/// A member's advertised signed bundle ([`POLICY_KEY`], [`REVOCATIONS_KEY`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PolicyAdvert {
+pub struct BundleAdvert {
     /// The bundle's version.
     pub version: u64,
     /// SHA-256 of its payload, hex.
     pub digest: String,
 }
 
-impl PolicyAdvert {
+impl BundleAdvert {
     /// The gossip value, `VERSION:DIGEST`.
     pub fn encode(&self) -> String {
         format!("{}:{}", self.version, self.digest)
     }
 
     /// Reads a gossip value; `None` if it is not `VERSION:DIGEST` with a 64-hex digest.
-    pub fn decode(value: &str) -> Option<PolicyAdvert> {
+    pub fn decode(value: &str) -> Option<BundleAdvert> {
         let (version, digest) = value.split_once(':')?;
         let valid = digest.len() == 64 && digest.bytes().all(|b| b.is_ascii_hexdigit());
-        Some(PolicyAdvert {
+        Some(BundleAdvert {
             version: version.parse().ok()?,
             digest: valid.then(|| digest.to_ascii_lowercase())?,
         })
@@ -239,16 +241,16 @@ impl PolicyAdvert {
 }
 
 #[cfg(test)]
-mod policy_advert_tests {
-    use super::PolicyAdvert;
+mod bundle_advert_tests {
+    use super::BundleAdvert;
 
     #[test]
     fn adverts_round_trip_and_bad_values_are_skipped() {
-        let advert = PolicyAdvert {
+        let advert = BundleAdvert {
             version: 42,
             digest: "ab".repeat(32),
         };
-        assert_eq!(PolicyAdvert::decode(&advert.encode()), Some(advert));
+        assert_eq!(BundleAdvert::decode(&advert.encode()), Some(advert));
         for bad in [
             "",
             "42",
@@ -256,7 +258,7 @@ mod policy_advert_tests {
             "42:abc",
             &format!("42:{}", "zz".repeat(32)),
         ] {
-            assert_eq!(PolicyAdvert::decode(bad), None, "{bad:?}");
+            assert_eq!(BundleAdvert::decode(bad), None, "{bad:?}");
         }
     }
 }

@@ -68,11 +68,13 @@ pub enum Rejection {
     OutOfScope,
     /// The `ca` role without a proof from the issuing intermediate.
     CaRoleUnproven,
+    /// The operator revoked the node's certificate.
+    Revoked,
 }
 
 impl Rejection {
     /// Every reason, in label order.
-    pub const ALL: [Rejection; 8] = [
+    pub const ALL: [Rejection; 9] = [
         Rejection::Unsigned,
         Rejection::Malformed,
         Rejection::BadChain,
@@ -81,6 +83,7 @@ impl Rejection {
         Rejection::Replayed,
         Rejection::OutOfScope,
         Rejection::CaRoleUnproven,
+        Rejection::Revoked,
     ];
 
     /// The `reason` label of `weft_gossip_records_rejected_total`.
@@ -94,6 +97,7 @@ impl Rejection {
             Rejection::Replayed => "replayed",
             Rejection::OutOfScope => "out_of_scope",
             Rejection::CaRoleUnproven => "ca_role_unproven",
+            Rejection::Revoked => "revoked",
         }
     }
 }
@@ -538,6 +542,7 @@ fn check_id(
         .map_err(|_| Rejection::Malformed)?;
     let verified = attest::verify_node_chain(&chain, bundle, now, name).map_err(|e| match e {
         attest::NodeChainError::WrongId { .. } => Rejection::WrongNode,
+        attest::NodeChainError::Svid(weft_ca::SvidError::Revoked { .. }) => Rejection::Revoked,
         attest::NodeChainError::Svid(_) => Rejection::BadChain,
     })?;
     let leaf = chain[0].clone();
@@ -907,6 +912,39 @@ mod tests {
         let stale = verifier.verify(vec![publisher.node], &mesh.bundle, later);
         assert!(stale[0].identity.is_none());
         assert_eq!(metrics.rejected_count(Rejection::BadChain), 1);
+    }
+
+    #[test]
+    fn a_revoked_node_loses_what_it_had_verified_as_soon_as_the_list_is_installed() {
+        let mesh = mesh();
+        let signer = mesh.signer("web-1", &["default/api"], HOUR, false);
+        let mut publisher = Publisher::new(&signer, "web-1", 5);
+        publisher.record(&[]).service("api");
+        let other_signer = mesh.signer("web-2", &["default/api"], HOUR, false);
+        let mut other = Publisher::new(&other_signer, "web-2", 5);
+        other.record(&[]).service("api");
+        let metrics = GossipMetrics::unregistered();
+        let mut verifier = RecordVerifier::new(metrics.clone());
+        let now = SystemTime::now();
+        let nodes = vec![publisher.node.clone(), other.node.clone()];
+        let before = verifier.verify(nodes.clone(), &mesh.bundle, now);
+        assert!(before.iter().all(|n| n.identity.is_some()));
+        let list = weft_ca::Revocations::new(
+            vec![weft_ca::Revocation {
+                kind: weft_ca::RevokedKind::Node,
+                value: "web-1".into(),
+                at: weft_ca::verify::unix_secs(now),
+                reason: String::new(),
+            }],
+            mesh.bundle.trust_domain(),
+        )
+        .unwrap();
+        let revoked = Arc::new(mesh.bundle.with_revocations(Arc::new(list)));
+        let after = verifier.verify(nodes, &revoked, now);
+        assert!(after[0].identity.is_none() && after[0].key_values.is_empty());
+        assert!(after[1].identity.is_some(), "web-2 is untouched");
+        assert!(after[1].key_values.keys().any(|k| k.starts_with("svc:")));
+        assert_eq!(metrics.rejected_count(Rejection::Revoked), 1);
     }
 
     #[test]

@@ -120,7 +120,8 @@ async fn show_policy(
         name: "demo-policy.yaml".into(),
         text: DEMO_POLICY.into(),
     }];
-    let bytes = crate::policy::bundle::sign(files, 1, &signer)?;
+    let bytes =
+        crate::policy::bundle::sign(crate::policy::bundle::PolicyFiles { files }, 1, &signer)?;
     let started = Instant::now();
     shared[0].policy.offer(&bytes, "weft demo")?;
     let deadline = started + Duration::from_secs(5);

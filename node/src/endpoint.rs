@@ -17,8 +17,11 @@ use weft_ca::tls::{
     ALPN_CA, AlpnCertResolver, OptionalSvidClientVerifier, SharedBundle, quic_server_config,
 };
 
-use crate::agent::policy_sync::{self, ALPN_POLICY};
+use crate::agent::bundle_sync;
+use crate::agent::policy::ALPN_POLICY;
+use crate::agent::revocation::ALPN_REVOCATIONS;
 use crate::agent::stats;
+use crate::policy::bundle::{PolicyFiles, RevocationList};
 use crate::proxy::tunnel::{ALPN_TUNNEL, MAX_UDP_PAYLOAD, transport_config};
 use crate::proxy::{ProxyContext, inbound};
 
@@ -130,7 +133,13 @@ impl QuicEndpoint {
         let mut config = quic_server_config(
             resolver.clone(),
             OptionalSvidClientVerifier::new(bundle),
-            &[ALPN_TUNNEL, ALPN_CA, ALPN_POLICY, stats::ALPN_STATS],
+            &[
+                ALPN_TUNNEL,
+                ALPN_CA,
+                ALPN_POLICY,
+                ALPN_REVOCATIONS,
+                stats::ALPN_STATS,
+            ],
         )?;
         config.transport_config(Arc::new(transport_config()));
         let socket = bind_udp(addr).map_err(|e| EndpointError::Bind(addr, e))?;
@@ -200,7 +209,10 @@ impl QuicEndpoint {
                     (Some(ALPN_TUNNEL), _) => inbound::serve(proxy, connection).await,
                     (Some(ALPN_CA), Some(ca)) => ca.serve(connection).await,
                     (Some(ALPN_POLICY), _) => {
-                        policy_sync::serve(proxy.shared.clone(), connection).await
+                        bundle_sync::serve::<PolicyFiles>(proxy.shared.clone(), connection).await
+                    }
+                    (Some(ALPN_REVOCATIONS), _) => {
+                        bundle_sync::serve::<RevocationList>(proxy.shared.clone(), connection).await
                     }
                     (Some(stats::ALPN_STATS), _) => {
                         stats::serve(proxy.shared.clone(), connection).await

@@ -15,7 +15,7 @@ pub struct AgentMetrics {
     health_checks: IntCounterVec,
     service_healthy: IntGaugeVec,
     ready: IntGauge,
-    policy_peers: IntCounterVec,
+    sync_peers: IntCounterVec,
 }
 
 impl AgentMetrics {
@@ -54,16 +54,18 @@ impl AgentMetrics {
             "weft_ready",
             "Whether this agent reports ready (1) or not (0).",
         )?;
-        let policy_peers = IntCounterVec::new(
+        let sync_peers = IntCounterVec::new(
             Opts::new(
-                "weft_policy_sync_peer_failures_total",
-                "Policy fetches from peers that advertised a later bundle and did not serve it: lying (served another bundle, or one that does not verify) or unreachable.",
+                "weft_bundle_sync_peer_failures_total",
+                "Fetches of signed bundles (kind: policy, revocations) from peers that advertised a later one and did not serve it: lying (served another bundle, or one that does not verify) or unreachable.",
             ),
-            &["result"],
+            &["kind", "result"],
         )?;
-        registry.register(Box::new(policy_peers.clone()))?;
-        for result in ["lying", "unreachable"] {
-            policy_peers.with_label_values(&[result]);
+        registry.register(Box::new(sync_peers.clone()))?;
+        for kind in ["policy", "revocations"] {
+            for result in ["lying", "unreachable"] {
+                sync_peers.with_label_values(&[kind, result]);
+            }
         }
         registry.register(Box::new(build_info))?;
         registry.register(Box::new(config_reloads.clone()))?;
@@ -84,7 +86,7 @@ impl AgentMetrics {
             health_checks,
             service_healthy,
             ready,
-            policy_peers,
+            sync_peers,
         })
     }
 
@@ -93,10 +95,10 @@ impl AgentMetrics {
         &self.registry
     }
 
-    /// Counts a policy fetch from a peer that did not serve what it advertised (`result`:
-    /// `lying` or `unreachable`).
-    pub fn policy_peer(&self, result: &str) {
-        self.policy_peers.with_label_values(&[result]).inc();
+    /// Counts a fetch of a `kind` of bundle from a peer that did not serve what it advertised
+    /// (`result`: `lying` or `unreachable`).
+    pub fn sync_peer(&self, kind: &str, result: &str) {
+        self.sync_peers.with_label_values(&[kind, result]).inc();
     }
 
     /// Counts a config reload.

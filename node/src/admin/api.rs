@@ -22,6 +22,9 @@ pub mod paths {
     /// `GET`: the policy bundle in force ([`super::PolicyReport`]); `POST` a signed bundle to
     /// offer it ([`super::PolicyApplied`]; 422 with the reason if refused).
     pub const POLICY: &str = "/v1/policy";
+    /// `GET`: the revocations in force ([`super::RevocationReport`]); `POST` a signed
+    /// revocation bundle to offer it ([`super::PolicyApplied`]; 422 with the reason if refused).
+    pub const REVOCATIONS: &str = "/v1/revocations";
     /// `GET`: each member's policy version ([`super::PolicyStatusReport`]).
     pub const POLICY_STATUS: &str = "/v1/policy/status";
     /// `GET ?from=SVC&to=SVC[&port=P][&method=M&path=P[&header=NAME:VALUE]…]`: a decision explained
@@ -108,6 +111,27 @@ pub struct StatusReport {
     /// Version of the policy bundle in force (0: none published).
     #[serde(default)]
     pub policy_version: u64,
+    /// Version of the revocation bundle in force (0: none published).
+    #[serde(default)]
+    pub revocation_version: u64,
+    /// Revocations in force.
+    #[serde(default)]
+    pub revocations: usize,
+}
+
+/// The revocations in force, as `weft revoke list` shows them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevocationReport {
+    /// Version of the revocation bundle (0: none published).
+    pub version: u64,
+    /// SHA-256 of its payload.
+    pub digest: Option<String>,
+    /// Who signed it.
+    pub operator: Option<String>,
+    /// When it was signed, unix seconds.
+    pub issued_at: Option<u64>,
+    /// Every revocation.
+    pub revoked: Vec<weft_ca::Revocation>,
 }
 
 /// The policy bundle in force, as `weft policy get` shows it.

@@ -13,16 +13,22 @@ use weft_ca::SpiffeId;
 use weft_discovery::{MemberState, Protocol, ServiceKey};
 
 use super::api::{
-    MemberPolicy, PolicyApplied, PolicyFileText, PolicyReport, PolicyStatusReport, WhyReport,
+    MemberPolicy, PolicyApplied, PolicyFileText, PolicyReport, PolicyStatusReport,
+    RevocationReport, WhyReport,
 };
 use super::server::{json, text_owned};
 use crate::agent::Shared;
-use crate::agent::policy::{Offered, offer_off_runtime};
-use crate::policy::bundle::MAX_BUNDLE_BYTES;
+use crate::agent::signed_store::{Offered, SignedStore, offer_off_runtime};
+use crate::policy::bundle::{Content, MAX_BUNDLE_BYTES};
 use crate::policy::engine::{HttpRequest, Request as Question};
 
-/// `POST /v1/policy`: offers the signed bundle in the body.
-pub async fn offer(shared: Arc<Shared>, request: Request<Incoming>) -> Response<Full<Bytes>> {
+/// `POST /v1/policy` and `POST /v1/revocations`: offers the signed bundle in the body to
+/// `store`; `origin` names the command for logs.
+pub async fn offer<C: Content>(
+    store: Arc<SignedStore<C>>,
+    origin: &str,
+    request: Request<Incoming>,
+) -> Response<Full<Bytes>> {
     let body = match Limited::new(request.into_body(), MAX_BUNDLE_BYTES)
         .collect()
         .await
@@ -35,13 +41,7 @@ pub async fn offer(shared: Arc<Shared>, request: Request<Incoming>) -> Response<
             );
         }
     };
-    match offer_off_runtime(
-        shared,
-        body,
-        "the admin socket (weft policy apply)".to_string(),
-    )
-    .await
-    {
+    match offer_off_runtime(store, body, format!("the admin socket ({origin})")).await {
         Ok(Offered::Applied { version }) => json(&PolicyApplied {
             result: "applied".into(),
             version,
@@ -72,12 +72,9 @@ pub fn report(shared: &Shared) -> PolicyReport {
         version: bundle.version,
         digest: Some(bundle.digest.clone()),
         operator: Some(bundle.operator.to_string()),
-        issued_at: bundle
-            .issued_at
-            .duration_since(UNIX_EPOCH)
-            .ok()
-            .map(|d| d.as_secs()),
+        issued_at: unix(bundle.issued_at),
         files: bundle
+            .content
             .files
             .iter()
             .map(|f| PolicyFileText {
@@ -85,6 +82,31 @@ pub fn report(shared: &Shared) -> PolicyReport {
                 text: f.text.clone(),
             })
             .collect(),
+    }
+}
+
+fn unix(t: std::time::SystemTime) -> Option<u64> {
+    t.duration_since(UNIX_EPOCH).ok().map(|d| d.as_secs())
+}
+
+/// `GET /v1/revocations`.
+pub fn revocations(shared: &Shared) -> RevocationReport {
+    let held = shared.revocations.held();
+    let Some(bundle) = &held.bundle else {
+        return RevocationReport {
+            version: 0,
+            digest: None,
+            operator: None,
+            issued_at: None,
+            revoked: Vec::new(),
+        };
+    };
+    RevocationReport {
+        version: bundle.version,
+        digest: Some(bundle.digest.clone()),
+        operator: Some(bundle.operator.to_string()),
+        issued_at: unix(bundle.issued_at),
+        revoked: bundle.content.revoked.clone(),
     }
 }
 

@@ -120,11 +120,13 @@ where
             let proxy = proxy.clone();
             async move {
                 let shared = &proxy.shared;
-                let response = if surface == Surface::Socket
-                    && request.method() == Method::POST
-                    && request.uri().path() == paths::POLICY
-                {
-                    policy::offer(shared.clone(), request).await
+                let post = surface == Surface::Socket && request.method() == Method::POST;
+                let response = if post && request.uri().path() == paths::POLICY {
+                    let store = shared.policy.store().clone();
+                    policy::offer(store, "weft policy apply", request).await
+                } else if post && request.uri().path() == paths::REVOCATIONS {
+                    let store = shared.revocations.clone();
+                    policy::offer(store, "weft revoke", request).await
                 } else if surface == Surface::Socket
                     && request.method() == Method::GET
                     && request.uri().path() == paths::STAT
@@ -149,7 +151,7 @@ fn route(shared: &Shared, surface: Surface, request: &Request<Incoming>) -> Resp
     if request.method() != Method::GET {
         return text(
             StatusCode::METHOD_NOT_ALLOWED,
-            "only GET is supported (and POST /v1/policy on the socket)\n",
+            "only GET is supported (and POST /v1/policy and /v1/revocations on the socket)\n",
         );
     }
     match (surface, request.uri().path()) {
@@ -183,6 +185,7 @@ fn route(shared: &Shared, surface: Surface, request: &Request<Incoming>) -> Resp
         (Surface::Socket, paths::STATUS) => json(&status(shared)),
         (Surface::Socket, paths::POLICY) => json(&policy::report(shared)),
         (Surface::Socket, paths::POLICY_STATUS) => json(&policy::status(shared)),
+        (Surface::Socket, paths::REVOCATIONS) => json(&policy::revocations(shared)),
         (Surface::Socket, paths::WHY) => match policy::why(shared, request.uri()) {
             Ok(report) => json(&report),
             Err(reason) => text_owned(StatusCode::BAD_REQUEST, format!("{reason}\n")),
@@ -251,6 +254,13 @@ fn status(shared: &Shared) -> StatusReport {
         is_ca_host: config.ca.is_some(),
         services,
         policy_version: shared.policy.active().version(),
+        revocation_version: shared.revocations.held().version(),
+        revocations: shared
+            .revocations
+            .held()
+            .bundle
+            .as_ref()
+            .map_or(0, |b| b.content.revoked.len()),
     }
 }
 

@@ -7,10 +7,12 @@
 //! without half-joining); on stop the agent turns not-ready first, then leaves gossip, then
 //! closes the endpoint and the admin API.
 
+pub mod bundle_sync;
 mod memory;
 pub mod policy;
-pub mod policy_sync;
 mod reload;
+pub mod revocation;
+pub mod signed_store;
 pub mod stats;
 
 use std::collections::BTreeMap;
@@ -38,14 +40,16 @@ use crate::admin::AdminServer;
 use crate::config::{Config, ServiceConfig};
 use crate::endpoint::QuicEndpoint;
 use crate::health::{self, CheckResult, HealthChecks};
-use crate::identity::{self, IdentityContext, IdentityMetrics, SharedIdentities};
+use crate::identity::{self, IdentityContext, IdentityMetrics, SharedIdentities, TrustSignal};
 use crate::metrics::AgentMetrics;
+use crate::policy::bundle::{PolicyFiles, RevocationList};
 use crate::proxy::http::HttpProxy;
 use crate::proxy::outbound::Upstreams;
 use crate::proxy::tunnel::TunnelPool;
 use crate::proxy::{ProxyContext, ProxyMetrics};
 use crate::telemetry::LogControl;
 use policy::PolicyStore;
+use signed_store::SignedStore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -69,6 +73,10 @@ pub struct Shared {
     pub metrics: AgentMetrics,
     /// The policy in force.
     pub policy: PolicyStore,
+    /// The revocations in force (also installed in `bundle`).
+    pub revocations: Arc<SignedStore<RevocationList>>,
+    /// Told whenever `bundle` is replaced (roots reloaded, revocations installed).
+    pub trust_signal: TrustSignal,
     /// Gossip incarnation of this run.
     pub generation: u64,
     /// When this run started.
@@ -152,6 +160,17 @@ impl Agent {
             CaMetrics::new(metrics.registry()).context("failed to register metrics")?;
         let proxy_metrics =
             ProxyMetrics::new(metrics.registry()).context("failed to register metrics")?;
+        // Revocations are installed before anything verifies a peer.
+        let trust_signal = TrustSignal::default();
+        let revocations = Arc::new(
+            revocation::load(
+                &config.node.data_dir,
+                bundle.clone(),
+                trust_signal.clone(),
+                metrics.registry(),
+            )
+            .context("failed to register metrics")?,
+        );
 
         // Every listener is bound before anything joins.
         let admin = AdminServer::bind(&config.admin.socket, config.admin.http).await?;
@@ -200,6 +219,8 @@ impl Agent {
         let identities: SharedIdentities = Arc::default();
         let shared = Arc::new(Shared {
             policy,
+            revocations,
+            trust_signal,
             catalog: catalog.clone(),
             generation: membership.generation(),
             keyring,
@@ -218,6 +239,7 @@ impl Agent {
             tunnels: TunnelPool::new(
                 endpoint.quinn(),
                 shared.bundle.clone(),
+                shared.trust_signal.clone(),
                 shared.identities.clone(),
                 proxy_metrics,
             ),
@@ -258,7 +280,14 @@ impl Agent {
             tokio::spawn(memory::return_freed_memory(stop_rx.clone())),
             tokio::spawn(admin.serve(proxy.clone(), stop_rx.clone())),
             tokio::spawn(endpoint.serve(ca_server.clone(), proxy.clone(), stop_rx.clone())),
-            tokio::spawn(policy_sync::run(proxy.clone(), stop_rx.clone())),
+            tokio::spawn(bundle_sync::run::<PolicyFiles>(
+                proxy.clone(),
+                stop_rx.clone(),
+            )),
+            tokio::spawn(bundle_sync::run::<RevocationList>(
+                proxy.clone(),
+                stop_rx.clone(),
+            )),
             tokio::spawn(identity::run(context, services_rx, stop_rx)),
         ];
         let (results_tx, results_rx) = mpsc::channel(64);
@@ -299,7 +328,7 @@ impl Agent {
     pub async fn run(mut self, mut control: mpsc::Receiver<Control>) -> anyhow::Result<()> {
         let mut publish = tokio::time::interval(PUBLISH_INTERVAL);
         let mut published: Vec<String> = Vec::new();
-        let mut advertised_policy = None;
+        let mut advertised = (None, None);
         let mut signed_with = None;
         let gossip_failure = self.membership.failure();
         tokio::pin!(gossip_failure);
@@ -319,13 +348,7 @@ impl Agent {
                 _ = publish.tick() => {
                     self.sign_records(&mut signed_with).await;
                     self.publish_health().await;
-                    let policy = self.shared.policy.active().advert();
-                    if policy != advertised_policy {
-                        if let Some(advert) = &policy {
-                            self.membership.set_policy(advert).await;
-                        }
-                        advertised_policy = policy;
-                    }
+                    self.advertise_bundles(&mut advertised).await;
                     if let Some(server) = &self.ca_server {
                         let ids = server.redeemed_ids();
                         if ids != published {
@@ -345,6 +368,35 @@ impl Agent {
 
     /// Signs this agent's gossip records with its node SVID once it has one, and again after
     /// every renewal (`signed_with` is the serial last used).
+    /// Advertises the policy and revocation bundles held when they changed since `advertised`.
+    async fn advertise_bundles(
+        &self,
+        advertised: &mut (
+            Option<weft_discovery::BundleAdvert>,
+            Option<weft_discovery::BundleAdvert>,
+        ),
+    ) {
+        let now = (
+            self.shared.policy.active().advert(),
+            self.shared.revocations.held().advert(),
+        );
+        if now.0 != advertised.0
+            && let Some(advert) = &now.0
+        {
+            self.membership
+                .set_advert(weft_discovery::POLICY_KEY, advert)
+                .await;
+        }
+        if now.1 != advertised.1
+            && let Some(advert) = &now.1
+        {
+            self.membership
+                .set_advert(weft_discovery::REVOCATIONS_KEY, advert)
+                .await;
+        }
+        *advertised = now;
+    }
+
     async fn sign_records(&mut self, signed_with: &mut Option<String>) {
         let identities = self.shared.identities.load();
         let Some(node) = &identities.node else {

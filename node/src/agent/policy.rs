@@ -1,29 +1,24 @@
-//! The agent's policy: the bundle in force, how a new one is accepted (from `weft policy
-//! apply` through the admin API, or fetched from a peer), persisted, and advertised, and the
-//! decision point the proxy asks.
+//! The agent's policy: the bundle in force (held by a [`SignedStore`], which verifies, orders
+//! and persists it), its compiled form, and the decision point the proxy asks.
 //!
-//! A bundle replaces the one in force only if it verifies against the trust bundle and comes
-//! later in the order of (version, digest): a higher version, or, when two operators published
-//! the same version at once, the higher digest, so every agent settles on the same bundle. The
-//! accepted bundle is written to `data_dir/policy.bundle` (0600, atomically) before it takes
-//! effect, so a restart enforces it even with no peers. A persisted bundle that no longer
-//! verifies makes the agent deny everything (`policy_unavailable`) until a good bundle
-//! arrives: once policy was published, a damaged file must not open the mesh.
+//! A persisted bundle that no longer verifies makes the agent deny everything
+//! (`policy_unavailable`) until a good bundle arrives: once policy was published, a damaged
+//! file must not open the mesh.
 
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::path::Path;
+use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
-use tokio::sync::watch;
-use tracing::{error, info, warn};
+use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
+use tracing::error;
 use weft_ca::SpiffeId;
 use weft_ca::tls::SharedBundle;
-use weft_discovery::{PolicyAdvert, ServiceKey};
+use weft_discovery::{BundleAdvert, Member, ServiceKey};
 
-use crate::identity::write_atomic;
-use crate::policy::bundle::{self, BundleError, VerifiedBundle};
+use super::bundle_sync::Distributed;
+use super::signed_store::{Held, SignedStore, StoreKind};
+pub use super::signed_store::{OfferError, Offered};
+use crate::policy::bundle::{PolicyFiles, VerifiedBundle};
 use crate::policy::engine::{Decision, DecisionReason, Engine, Request};
 use crate::proxy::l7::split::Splits;
 
@@ -42,93 +37,14 @@ pub struct ActivePolicy {
 
 impl ActivePolicy {
     /// What this agent advertises in gossip.
-    pub fn advert(&self) -> Option<PolicyAdvert> {
-        self.bundle.as_ref().map(|b| PolicyAdvert {
-            version: b.version,
-            digest: b.digest.clone(),
-        })
+    pub fn advert(&self) -> Option<BundleAdvert> {
+        self.bundle.as_ref().map(|b| b.advert())
     }
 
     /// The version in force, 0 before any.
     pub fn version(&self) -> u64 {
         self.bundle.as_ref().map_or(0, |b| b.version)
     }
-}
-
-/// What became of an offered bundle that was not refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Offered {
-    /// It is now in force.
-    Applied {
-        /// Its version.
-        version: u64,
-    },
-    /// It is the bundle already in force.
-    AlreadyCurrent {
-        /// Its version.
-        version: u64,
-    },
-}
-
-/// Why an offered bundle was refused; the bundle in force stays.
-#[derive(Debug, thiserror::Error)]
-pub enum OfferError {
-    /// It did not verify.
-    #[error(transparent)]
-    Bundle(#[from] BundleError),
-    /// Its version is not newer than the one in force.
-    #[error("policy version {offered} is older than version {current} in force")]
-    Older {
-        /// The offered version.
-        offered: u64,
-        /// The version in force.
-        current: u64,
-    },
-    /// Same version as the one in force, and a lower digest (the higher digest wins a tie).
-    #[error(
-        "policy version {version} is already in force with another content; apply with a higher version"
-    )]
-    Conflict {
-        /// The version both claim.
-        version: u64,
-    },
-    /// Its version is below `[policy] min_version`.
-    #[error("policy version {offered} is below policy.min_version {minimum} of this agent")]
-    BelowMinimum {
-        /// The offered version.
-        offered: u64,
-        /// The configured floor.
-        minimum: u64,
-    },
-    /// It could not be persisted, so it was not applied.
-    #[error("cannot persist the policy bundle to {path}: {reason}")]
-    Persist {
-        /// Where.
-        path: PathBuf,
-        /// Why.
-        reason: String,
-    },
-}
-
-impl OfferError {
-    /// A short label for metrics (`reason`).
-    pub fn reason(&self) -> &'static str {
-        match self {
-            OfferError::Bundle(e) => e.reason(),
-            OfferError::Older { .. } => "older_version",
-            OfferError::Conflict { .. } => "version_conflict",
-            OfferError::BelowMinimum { .. } => "below_min_version",
-            OfferError::Persist { .. } => "persist_failed",
-        }
-    }
-}
-
-/// Policy metrics.
-struct PolicyMetrics {
-    version: IntGauge,
-    bundles: IntCounterVec,
-    /// One counter per decision reason, in [`REASONS`] order, so counting costs no lookup.
-    decisions: Vec<IntCounter>,
 }
 
 /// Every decision reason, with whether it allows.
@@ -142,92 +58,51 @@ const REASONS: [DecisionReason; 7] = [
     DecisionReason::RouteNotMatched,
 ];
 
-impl PolicyMetrics {
-    fn new(registry: &Registry) -> prometheus::Result<PolicyMetrics> {
-        let version = IntGauge::new(
-            "weft_policy_version",
-            "Version of the policy bundle in force (0: none published).",
-        )?;
-        let bundles = IntCounterVec::new(
-            Opts::new(
-                "weft_policy_bundles_total",
-                "Policy bundles offered to this agent, by result (applied, current, refused) and reason.",
-            ),
-            &["result", "reason"],
-        )?;
-        let decisions_vec = IntCounterVec::new(
-            Opts::new(
-                "weft_authz_decisions_total",
-                "Authorization decisions on inbound connections and requests, by decision and reason.",
-            ),
-            &["decision", "reason"],
-        )?;
-        registry.register(Box::new(version.clone()))?;
-        registry.register(Box::new(bundles.clone()))?;
-        registry.register(Box::new(decisions_vec.clone()))?;
-        let decisions = REASONS
-            .iter()
-            .map(|reason| {
-                let allowed = matches!(
-                    reason,
-                    DecisionReason::NotPublished
-                        | DecisionReason::NoPolicy
-                        | DecisionReason::AllowedByTarget
-                );
-                decisions_vec
-                    .with_label_values(&[if allowed { "allow" } else { "deny" }, reason.as_str()])
-            })
-            .collect();
-        Ok(PolicyMetrics {
-            version,
-            bundles,
-            decisions,
+/// One counter per decision reason, in [`REASONS`] order, so counting costs no lookup.
+fn decision_counters(registry: &Registry) -> prometheus::Result<Vec<IntCounter>> {
+    let decisions = IntCounterVec::new(
+        Opts::new(
+            "weft_authz_decisions_total",
+            "Authorization decisions on inbound connections and requests, by decision and reason.",
+        ),
+        &["decision", "reason"],
+    )?;
+    registry.register(Box::new(decisions.clone()))?;
+    Ok(REASONS
+        .iter()
+        .map(|reason| {
+            let allowed = matches!(
+                reason,
+                DecisionReason::NotPublished
+                    | DecisionReason::NoPolicy
+                    | DecisionReason::AllowedByTarget
+            );
+            decisions.with_label_values(&[if allowed { "allow" } else { "deny" }, reason.as_str()])
         })
+        .collect())
+}
+
+impl Distributed for PolicyFiles {
+    const ALPN: &'static [u8] = ALPN_POLICY;
+    const KIND: &'static str = "policy";
+
+    fn store(shared: &super::Shared) -> &Arc<SignedStore<Self>> {
+        shared.policy.store()
     }
 
-    fn decision(&self, reason: DecisionReason) {
-        if let Some(i) = REASONS.iter().position(|r| *r == reason) {
-            self.decisions[i].inc();
-        }
+    fn advert(member: &Member) -> Option<&BundleAdvert> {
+        member.policy.as_ref()
     }
 }
+
+/// ALPN of the policy fetch protocol.
+pub const ALPN_POLICY: &[u8] = b"weft-policy/1";
 
 /// The policy in force and the way to replace it.
 pub struct PolicyStore {
-    active: ArcSwap<ActivePolicy>,
-    /// Serializes offers, so versions only go up.
-    offer_lock: Mutex<()>,
-    path: PathBuf,
-    trust: SharedBundle,
-    /// `[policy] min_version`: older bundles are refused.
-    min_version: u64,
-    metrics: PolicyMetrics,
-    changed: watch::Sender<u64>,
-}
-
-/// Refuses `version` below the configured floor.
-fn check_minimum(version: u64, minimum: u64) -> Result<(), OfferError> {
-    if version < minimum {
-        return Err(OfferError::BelowMinimum {
-            offered: version,
-            minimum,
-        });
-    }
-    Ok(())
-}
-
-/// [`PolicyStore::offer`] on tokio's blocking pool: verifying and compiling a large set takes
-/// long (about 2 s for 1,000 TrafficTargets on one core) and must not hold up a runtime
-/// thread that carries traffic.
-pub async fn offer_off_runtime(
-    shared: Arc<super::Shared>,
-    bytes: impl AsRef<[u8]> + Send + 'static,
-    origin: String,
-) -> Result<Offered, OfferError> {
-    match tokio::task::spawn_blocking(move || shared.policy.offer(bytes.as_ref(), &origin)).await {
-        Ok(result) => result,
-        Err(join) => std::panic::resume_unwind(join.into_panic()),
-    }
+    store: Arc<SignedStore<PolicyFiles>>,
+    active: Arc<ArcSwap<ActivePolicy>>,
+    decisions: Vec<IntCounter>,
 }
 
 impl PolicyStore {
@@ -239,62 +114,35 @@ impl PolicyStore {
         min_version: u64,
         registry: &Registry,
     ) -> prometheus::Result<PolicyStore> {
-        let metrics = PolicyMetrics::new(registry)?;
-        let path = data_dir.join(POLICY_FILE);
-        let opened = |bytes: &[u8]| -> Result<VerifiedBundle, OfferError> {
-            let verified = bundle::open_persisted(bytes, &trust.load(), SystemTime::now())?;
-            check_minimum(verified.version, min_version)?;
-            Ok(verified)
-        };
-        let active = match std::fs::read(&path) {
-            Ok(bytes) => match opened(&bytes) {
-                Ok(verified) => {
-                    info!(version = verified.version, digest = %verified.digest, "enforcing the persisted policy bundle");
-                    active_from(verified)
-                }
-                Err(e) => {
-                    error!(path = %path.display(), error = %e, "the persisted policy bundle does not verify; denying all inbound traffic until a good bundle arrives");
-                    metrics
-                        .bundles
-                        .with_label_values(&["refused", e.reason()])
-                        .inc();
-                    ActivePolicy {
-                        bundle: None,
-                        engine: Engine::unavailable(),
-                        splits: Splits::default(),
-                    }
-                }
+        let decisions = decision_counters(registry)?;
+        let active = Arc::new(ArcSwap::from_pointee(ActivePolicy {
+            bundle: None,
+            engine: Engine::unpublished(),
+            splits: Splits::default(),
+        }));
+        let target = active.clone();
+        let store = SignedStore::load(
+            StoreKind {
+                noun: "policy",
+                file: POLICY_FILE,
+                metrics: "weft_policy",
             },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => ActivePolicy {
-                bundle: None,
-                engine: Engine::unpublished(),
-                splits: Splits::default(),
-            },
-            Err(e) => {
-                error!(path = %path.display(), error = %e, "cannot read the persisted policy bundle; denying all inbound traffic until a good bundle arrives");
-                ActivePolicy {
-                    bundle: None,
-                    engine: Engine::unavailable(),
-                    splits: Splits::default(),
-                }
-            }
-        };
-        metrics.version.set(active.version() as i64);
-        let (changed, _) = watch::channel(active.version());
-        Ok(PolicyStore {
-            active: ArcSwap::from_pointee(active),
-            offer_lock: Mutex::new(()),
-            path,
+            data_dir,
             trust,
             min_version,
-            metrics,
-            changed,
+            registry,
+            Box::new(move |held| target.store(Arc::new(active_from(held)))),
+        )?;
+        Ok(PolicyStore {
+            store: Arc::new(store),
+            active,
+            decisions,
         })
     }
 
-    /// `[policy] min_version`.
-    pub fn min_version(&self) -> u64 {
-        self.min_version
+    /// The signed store behind the policy, for fetching and serving bundles.
+    pub fn store(&self) -> &Arc<SignedStore<PolicyFiles>> {
+        &self.store
     }
 
     /// The policy in force.
@@ -302,88 +150,22 @@ impl PolicyStore {
         self.active.load_full()
     }
 
-    /// Changes to the version in force.
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.changed.subscribe()
-    }
-
     /// Verifies `bytes` and, if newer than the bundle in force, persists and applies it.
     /// `origin` names where it came from, for logs.
     pub fn offer(&self, bytes: &[u8], origin: &str) -> Result<Offered, OfferError> {
-        let _serial = self
-            .offer_lock
-            .lock()
-            .expect("offer lock is never poisoned");
-        let result = self.try_offer(bytes);
-        match &result {
-            Ok(Offered::Applied { version }) => {
-                info!(version, %origin, "policy bundle applied");
-                self.metrics
-                    .bundles
-                    .with_label_values(&["applied", ""])
-                    .inc();
-            }
-            Ok(Offered::AlreadyCurrent { .. }) => {
-                self.metrics
-                    .bundles
-                    .with_label_values(&["current", ""])
-                    .inc();
-            }
-            Err(e) => {
-                warn!(%origin, reason = e.reason(), error = %e, "policy bundle refused; the one in force stays");
-                self.metrics
-                    .bundles
-                    .with_label_values(&["refused", e.reason()])
-                    .inc();
-            }
-        }
-        result
+        self.store.offer(bytes, origin)
     }
 
-    fn try_offer(&self, bytes: &[u8]) -> Result<Offered, OfferError> {
-        let verified = bundle::open(bytes, &self.trust.load(), SystemTime::now())?;
-        check_minimum(verified.version, self.min_version)?;
-        let current = self.active.load();
-        if let Some(held) = &current.bundle {
-            // Bundles are ordered by (version, digest): two operators who publish the same
-            // version at once still leave every agent on the same one.
-            if verified.version == held.version {
-                return match verified.digest.cmp(&held.digest) {
-                    std::cmp::Ordering::Equal => Ok(Offered::AlreadyCurrent {
-                        version: held.version,
-                    }),
-                    std::cmp::Ordering::Less => Err(OfferError::Conflict {
-                        version: held.version,
-                    }),
-                    std::cmp::Ordering::Greater => self.apply(verified),
-                };
-            }
-            if verified.version < held.version {
-                return Err(OfferError::Older {
-                    offered: verified.version,
-                    current: held.version,
-                });
-            }
+    fn count(&self, reason: DecisionReason) {
+        if let Some(i) = REASONS.iter().position(|r| *r == reason) {
+            self.decisions[i].inc();
         }
-        self.apply(verified)
-    }
-
-    fn apply(&self, verified: VerifiedBundle) -> Result<Offered, OfferError> {
-        write_atomic(&self.path, &verified.bytes, 0o600).map_err(|e| OfferError::Persist {
-            path: self.path.clone(),
-            reason: e.to_string(),
-        })?;
-        let version = verified.version;
-        self.active.store(Arc::new(active_from(verified)));
-        self.metrics.version.set(version as i64);
-        self.changed.send_replace(version);
-        Ok(Offered::Applied { version })
     }
 
     /// Decides one connection or request, and counts the decision.
     pub fn decide(&self, request: &Request<'_>) -> Decision {
         let decision = self.active.load().engine.decide(request);
-        self.metrics.decision(decision.reason);
+        self.count(decision.reason);
         decision
     }
 
@@ -401,33 +183,56 @@ impl PolicyStore {
             .engine
             .decide_connection(source, destination, port);
         if let Some(decision) = decision.as_ref().filter(|d| d.allowed) {
-            self.metrics.decision(decision.reason);
+            self.count(decision.reason);
         }
         decision
     }
 }
 
-fn active_from(verified: VerifiedBundle) -> ActivePolicy {
-    let trust_domain = verified.operator.trust_domain().clone();
-    let engine = Engine::new(&verified.set, &trust_domain);
-    let splits = Splits::new(&verified.set);
-    ActivePolicy {
-        bundle: Some(Arc::new(verified)),
-        engine,
-        splits,
+/// The policy a held bundle makes: compiled when there is one, deny-all when the persisted
+/// one was damaged, allow-all before any was published.
+fn active_from(held: &Held<PolicyFiles>) -> ActivePolicy {
+    match &held.bundle {
+        Some(verified) => ActivePolicy {
+            engine: Engine::new(&verified.compiled, verified.operator.trust_domain()),
+            splits: Splits::new(&verified.compiled),
+            bundle: Some(verified.clone()),
+        },
+        None if held.damaged => {
+            error!("denying all inbound traffic until a good policy bundle arrives");
+            ActivePolicy {
+                bundle: None,
+                engine: Engine::unavailable(),
+                splits: Splits::default(),
+            }
+        }
+        None => ActivePolicy {
+            bundle: None,
+            engine: Engine::unpublished(),
+            splits: Splits::default(),
+        },
     }
 }
 
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
+    use std::time::SystemTime;
 
     use arc_swap::ArcSwap;
     use prometheus::Registry;
 
     use super::*;
+    use crate::policy::bundle::sign;
     use crate::policy::bundle::tests::{ALLOW_ALL, files, fixture};
-    use crate::policy::bundle::{open, sign};
+
+    fn open(
+        bytes: &[u8],
+        trust: &weft_ca::TrustBundle,
+        now: SystemTime,
+    ) -> Result<VerifiedBundle, crate::policy::bundle::BundleError> {
+        crate::policy::bundle::open(bytes, trust, now)
+    }
 
     const TD: &str = "store.test";
     const DENY_ALL: &str =

@@ -88,9 +88,13 @@ impl Agent {
         if bundle_changed {
             info!(
                 roots = bundle.roots().len(),
-                "trust bundle changed; new connections use it"
+                "trust bundle changed; open tunnels are verified again"
             );
-            self.shared.bundle.store(Arc::new(bundle));
+            // The revocations in force stay installed; the roots are what changed.
+            self.shared
+                .bundle
+                .rcu(|current| bundle.with_revocations(current.revocations().clone()));
+            self.shared.trust_signal.changed();
         }
 
         if changes.services {

@@ -8,6 +8,7 @@ mod certs;
 mod gossip;
 mod policy;
 mod read;
+mod revoke;
 mod stat;
 mod table;
 
@@ -15,6 +16,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, CommandFactory, Parser, Subcommand};
+
+use weft_ca::RevokedKind;
 
 use crate::config::{Config, DEFAULT_CONFIG_PATH};
 
@@ -87,6 +90,12 @@ pub enum Command {
     Policy {
         #[command(subcommand)]
         command: PolicyCommand,
+    },
+    /// Revocations: cut a host, an identity or one certificate off the whole mesh, or show
+    /// the revocations in force.
+    Revoke {
+        #[command(subcommand)]
+        command: RevokeCommand,
     },
     /// Explain the authorization decision for a source, destination and request.
     Why {
@@ -226,6 +235,46 @@ pub enum PolicyCommand {
     Status(ReadArgs),
 }
 
+/// Who signs a revocation, and why.
+#[derive(Debug, clap::Args)]
+pub struct RevokeArgs {
+    /// Why, shown by `weft revoke list` and in agents' logs.
+    #[arg(long)]
+    reason: Option<String>,
+    /// Directory with operator.pem and operator.key (from `weft ca init`).
+    #[arg(long, env = "WEFT_OPERATOR")]
+    operator: Option<PathBuf>,
+}
+
+/// `weft revoke …`.
+#[derive(Debug, Subcommand)]
+pub enum RevokeCommand {
+    /// Revoke a host: its node certificates (and CA host certificate) issued up to now. A
+    /// host joined again later with a new token is a new identity.
+    Node {
+        /// The node name.
+        name: String,
+        #[command(flatten)]
+        args: RevokeArgs,
+    },
+    /// Revoke a SPIFFE ID: its certificates issued up to now.
+    Id {
+        /// The SPIFFE ID, e.g. spiffe://TD/ns/default/sa/api.
+        id: String,
+        #[command(flatten)]
+        args: RevokeArgs,
+    },
+    /// Revoke one certificate (leaf or a CA host's intermediate) by serial number.
+    Serial {
+        /// The serial, hex (colons allowed), as `weft certs` or `openssl x509 -serial` print it.
+        serial: String,
+        #[command(flatten)]
+        args: RevokeArgs,
+    },
+    /// Show the revocations in force on this agent.
+    List(ReadArgs),
+}
+
 /// `weft gossip …`.
 #[derive(Debug, Subcommand)]
 pub enum GossipCommand {
@@ -307,6 +356,26 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Policy {
             command: PolicyCommand::Status(read),
         } => policy::status(&admin_socket(&cli), *read),
+        Command::Revoke { command } => {
+            let socket = admin_socket(&cli);
+            let publish = |kind, value: &str, args: &RevokeArgs| {
+                revoke::revoke(
+                    &socket,
+                    kind,
+                    value,
+                    args.reason.as_deref(),
+                    args.operator.as_deref(),
+                )
+            };
+            match command {
+                RevokeCommand::List(read) => revoke::list(&socket, *read),
+                RevokeCommand::Node { name, args } => publish(RevokedKind::Node, name, args),
+                RevokeCommand::Id { id, args } => publish(RevokedKind::Id, id, args),
+                RevokeCommand::Serial { serial, args } => {
+                    publish(RevokedKind::Serial, serial, args)
+                }
+            }
+        }
         Command::Why {
             from,
             to,

@@ -112,29 +112,9 @@ pub(super) fn apply(
     )?;
     let signer = OperatorCredential::load(operator)?.signer(SystemTime::now())?;
     let current: PolicyReport = fetch(socket, paths::POLICY)?;
-    let version = match version {
-        Some(v) if v <= current.version => bail!(
-            "version {v} is not higher than version {} in force",
-            current.version
-        ),
-        Some(v) => v,
-        // Seconds since the epoch: grows across operators and machines, and past the
-        // current version even if clocks disagree.
-        None => unix_now().max(current.version.saturating_add(1)),
-    };
-    let bytes = bundle::sign(files, version, &signer)?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let (status, body) =
-        runtime.block_on(AdminClient::new(socket).post(paths::POLICY, Bytes::from(bytes)))?;
-    if !status.is_success() {
-        bail!(
-            "the agent refused the bundle: {}",
-            String::from_utf8_lossy(&body).trim()
-        );
-    }
-    let applied: PolicyApplied = serde_json::from_slice(&body)?;
+    let version = next_version(version, current.version)?;
+    let bytes = bundle::sign(bundle::PolicyFiles { files }, version, &signer)?;
+    let applied = publish(socket, paths::POLICY, bytes)?;
     println!(
         "policy version {} {} ({summary}), signed by {}; it spreads by gossip: `weft policy status` shows convergence",
         applied.version,
@@ -265,7 +245,36 @@ pub(super) fn why(socket: &Path, question: &WhyQuestion<'_>, read: ReadArgs) -> 
     Ok(())
 }
 
-fn unix_now() -> u64 {
+/// The version to publish after `current`: `requested` if it is higher, else seconds since
+/// the epoch (which grows across operators and machines), or one past `current` if clocks
+/// disagree.
+pub(super) fn next_version(requested: Option<u64>, current: u64) -> anyhow::Result<u64> {
+    Ok(match requested {
+        Some(v) if v <= current => {
+            bail!("version {v} is not higher than version {current} in force")
+        }
+        Some(v) => v,
+        None => unix_now().max(current.saturating_add(1)),
+    })
+}
+
+/// Hands a signed bundle to the local agent at `path` (`/v1/policy`, `/v1/revocations`).
+pub(super) fn publish(socket: &Path, path: &str, bytes: Vec<u8>) -> anyhow::Result<PolicyApplied> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (status, body) =
+        runtime.block_on(AdminClient::new(socket).post(path, Bytes::from(bytes)))?;
+    if !status.is_success() {
+        bail!(
+            "the agent refused the bundle: {}",
+            String::from_utf8_lossy(&body).trim()
+        );
+    }
+    Ok(serde_json::from_slice(&body)?)
+}
+
+pub(super) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())

@@ -129,6 +129,13 @@ pub(super) fn status(socket: &Path, read: ReadArgs) -> anyhow::Result<()> {
         0 => println!("policy:        none published (authenticated traffic is allowed)"),
         version => println!("policy:        version {version}"),
     }
+    match status.revocation_version {
+        0 => println!("revocations:   none published"),
+        version => println!(
+            "revocations:   {} in force (version {version}; `weft revoke list`)",
+            status.revocations
+        ),
+    }
     println!("uptime:        {}", table::age(status.uptime_secs));
     println!("config:        {}", status.config.display());
     println!("gossip:        {}", status.gossip_addr);

@@ -9,6 +9,7 @@
 //! `data_dir`, so a restart needs neither a token nor a CA.
 
 mod store;
+mod trust;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -33,6 +34,7 @@ use weft_ca::{CertificateAuthority, NodeScope, SpiffeId, TrustDomain, Usage, ver
 use weft_discovery::{CatalogHandle, ServiceKey};
 
 pub use store::{SvidFiles, write_atomic};
+pub use trust::TrustSignal;
 
 /// Lifetime of the certificate a CA host serves the CA protocol with.
 const CA_SERVER_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -264,8 +266,12 @@ impl IdentityContext {
                 // Tunnels are served with the node SVID; new handshakes use the new one.
                 self.resolver
                     .set(crate::proxy::tunnel::ALPN_TUNNEL, node.key.clone());
-                self.resolver
-                    .set(crate::agent::policy_sync::ALPN_POLICY, node.key.clone());
+                for alpn in [
+                    crate::agent::policy::ALPN_POLICY,
+                    crate::agent::revocation::ALPN_REVOCATIONS,
+                ] {
+                    self.resolver.set(alpn, node.key.clone());
+                }
                 self.resolver
                     .set(crate::agent::stats::ALPN_STATS, node.key.clone());
                 self.publish(|ids| ids.node = Some(node.clone()));

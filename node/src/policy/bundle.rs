@@ -1,21 +1,26 @@
-//! Signed policy bundles: what `weft policy apply` publishes and agents pass to each other.
+//! Signed bundles: what `weft policy apply` and `weft revoke` publish and agents pass to each
+//! other.
 //!
-//! A bundle is the whole policy set (every file, as written), a version, and the operator's
-//! signature over them, so any agent can check it with nothing but the trust bundle, however
-//! it arrived. Wire and disk format (UTF-8 JSON, at most [`MAX_BUNDLE_BYTES`]):
+//! A bundle is one document set (the policy files, or the revocation list), a version, and
+//! the operator's signature over them, so any agent can check it with nothing but the trust
+//! bundle, however it arrived. Each kind of content has its own format tag ([`Content`]); the
+//! envelope, signing, checks and versioning are the same for all. Wire and disk format (UTF-8
+//! JSON, at most [`MAX_BUNDLE_BYTES`]):
 //!
 //! ```text
-//! {"format": "weft-policy/1", "payload": B64(PAYLOAD), "cert": B64(operator cert DER),
-//!  "signature": B64(ECDSA P-256 SHA-256, ASN.1 DER, over the ASCII bytes "weft-policy/1." B64(PAYLOAD))}
-//! PAYLOAD = JSON {"td": "<trust domain>", "version": <u64 ≥ 1>, "issued_at": <unix s>,
-//!                 "files": [{"name": "<file name>", "text": "<YAML>"}, ...]}
+//! {"format": FORMAT, "payload": B64(PAYLOAD), "cert": B64(operator cert DER),
+//!  "signature": B64(ECDSA P-256 SHA-256, ASN.1 DER, over the ASCII bytes FORMAT "." B64(PAYLOAD))}
+//! PAYLOAD = JSON {"td": "<trust domain>", "version": <u64 ≥ 1>, "issued_at": <unix s>, CONTENT...}
+//! weft-policy/1:      CONTENT = "files": [{"name": "<file name>", "text": "<YAML>"}, ...]
+//! weft-revocations/1: CONTENT = "revoked": [{"kind": "node|id|serial", "value": "...",
+//!                                            "at": <unix s>, "reason": "..."}, ...]
 //! ```
 //!
 //! B64 is base64url without padding. The digest that agents gossip is SHA-256 over the
 //! decoded PAYLOAD bytes. [`open`] checks, in this order: size and shape; the signer (an
 //! operator SVID of the bundle, valid when the bundle was issued, so a bundle outlives the
 //! credential that signed it); the signature; the trust domain; the version; and that the
-//! files form a valid policy set.
+//! content is valid.
 
 use std::time::{Duration, SystemTime};
 
@@ -28,10 +33,60 @@ use weft_ca::operator::verify_operator_signature;
 use weft_ca::verify::{to_system_time, unix_secs};
 use weft_ca::{OperatorError, OperatorSigner, SpiffeId, TrustBundle, Usage, verify_svid};
 
+use serde::de::DeserializeOwned;
+use weft_ca::{RevocationError, Revocations, TrustDomain};
+
 use super::model::{PolicyError, PolicySet};
 
-/// The format tag, also the prefix of the signed bytes.
-pub const FORMAT: &str = "weft-policy/1";
+/// What a kind of bundle carries: its fields in the payload, its format tag and how it is
+/// checked and compiled once the signature verified.
+pub trait Content: Serialize + DeserializeOwned + Send + Sync + 'static {
+    /// The format tag, also the prefix of the signed bytes.
+    const FORMAT: &'static str;
+    /// Its compiled form.
+    type Compiled: Send + Sync + 'static;
+    /// Checks and compiles the content for `trust_domain`.
+    fn compile(&self, trust_domain: &TrustDomain) -> Result<Self::Compiled, BundleError>;
+}
+
+/// The content of a policy bundle: the operator's files, as written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyFiles {
+    /// The files.
+    pub files: Vec<PolicyFile>,
+}
+
+impl Content for PolicyFiles {
+    const FORMAT: &'static str = "weft-policy/1";
+    type Compiled = PolicySet;
+
+    fn compile(&self, _: &TrustDomain) -> Result<PolicySet, BundleError> {
+        let named: Vec<(&str, &str)> = self
+            .files
+            .iter()
+            .map(|f| (f.name.as_str(), f.text.as_str()))
+            .collect();
+        PolicySet::parse_files(&named).map_err(BundleError::Invalid)
+    }
+}
+
+/// The content of a revocation bundle: every revocation in force.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevocationList {
+    /// The entries.
+    pub revoked: Vec<weft_ca::Revocation>,
+}
+
+impl Content for RevocationList {
+    const FORMAT: &'static str = "weft-revocations/1";
+    type Compiled = std::sync::Arc<Revocations>;
+
+    fn compile(&self, trust_domain: &TrustDomain) -> Result<Self::Compiled, BundleError> {
+        Revocations::new(self.revoked.clone(), trust_domain)
+            .map(std::sync::Arc::new)
+            .map_err(BundleError::Revocations)
+    }
+}
 /// Largest bundle accepted or created.
 pub const MAX_BUNDLE_BYTES: usize = 4 << 20;
 /// How far in the future a bundle's issue time may be, for clock skew between hosts.
@@ -51,16 +106,16 @@ pub struct PolicyFile {
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BundleError {
     /// Over [`MAX_BUNDLE_BYTES`].
-    #[error("policy bundle is {0} bytes; the limit is {MAX_BUNDLE_BYTES}")]
+    #[error("bundle is {0} bytes; the limit is {MAX_BUNDLE_BYTES}")]
     TooLarge(usize),
     /// Not a bundle of this format.
-    #[error("malformed policy bundle: {0}")]
+    #[error("malformed bundle: {0}")]
     Malformed(String),
     /// The signer or the signature does not check out.
-    #[error("policy bundle signature: {0}")]
+    #[error("bundle signature: {0}")]
     Signature(#[from] OperatorError),
     /// Signed for another trust domain.
-    #[error("policy bundle is for trust domain {bundle}, this mesh is {ours}")]
+    #[error("bundle is for trust domain {bundle}, this mesh is {ours}")]
     ForeignTrustDomain {
         /// What the bundle says.
         bundle: String,
@@ -69,7 +124,7 @@ pub enum BundleError {
     },
     /// Its version is further above its issue time than [`MAX_VERSION_AHEAD`].
     #[error(
-        "policy version {version} is too high: versions may be at most {limit} (the issue time in unix seconds plus ten years), so that no bundle can leave no room for the next one"
+        "version {version} is too high: versions may be at most {limit} (the issue time in unix seconds plus ten years), so that no bundle can leave no room for the next one"
     )]
     VersionTooFar {
         /// The version.
@@ -78,11 +133,14 @@ pub enum BundleError {
         limit: u64,
     },
     /// Issued later than now plus the allowed clock skew.
-    #[error("policy bundle is issued in the future (unix time {0}); check the clocks")]
+    #[error("bundle is issued in the future (unix time {0}); check the clocks")]
     NotYetValid(i64),
     /// The signed files are not a valid policy set.
-    #[error("policy bundle holds an invalid policy set: {}", first_error(.0))]
+    #[error("bundle holds an invalid policy set: {}", first_error(.0))]
     Invalid(Vec<PolicyError>),
+    /// The signed revocation list is not valid.
+    #[error("bundle holds an invalid revocation list: {0}")]
+    Revocations(RevocationError),
 }
 
 fn first_error(errors: &[PolicyError]) -> String {
@@ -106,6 +164,7 @@ impl BundleError {
             BundleError::NotYetValid(_) => "not_yet_valid",
             BundleError::VersionTooFar { .. } => "version_too_far",
             BundleError::Invalid(_) => "invalid_policy",
+            BundleError::Revocations(_) => "invalid_revocations",
         }
     }
 }
@@ -119,18 +178,28 @@ struct Envelope {
     signature: String,
 }
 
+/// The signed payload: the header every kind shares, then the content's own fields.
 #[derive(Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Payload {
+struct Payload<C> {
     td: String,
     version: u64,
     issued_at: i64,
-    files: Vec<PolicyFile>,
+    #[serde(flatten)]
+    content: C,
 }
+
+/// The header fields alone, read without knowing the content.
+#[derive(Deserialize)]
+struct Header {
+    version: u64,
+}
+
+/// A verified policy bundle.
+pub type VerifiedBundle = Verified<PolicyFiles>;
 
 /// A bundle whose signature, trust domain and contents checked out.
 #[derive(Debug, Clone)]
-pub struct VerifiedBundle {
+pub struct Verified<C: Content> {
     /// The version the operator gave it; higher replaces lower.
     pub version: u64,
     /// SHA-256 of the payload, hex.
@@ -139,34 +208,46 @@ pub struct VerifiedBundle {
     pub issued_at: SystemTime,
     /// Who signed it.
     pub operator: SpiffeId,
-    /// The files, as written.
-    pub files: Vec<PolicyFile>,
-    /// The validated set.
-    pub set: PolicySet,
+    /// The content, as signed.
+    pub content: C,
+    /// Its compiled form.
+    pub compiled: C::Compiled,
     /// The bundle exactly as received: what is persisted and served to peers.
     pub bytes: Vec<u8>,
 }
 
-/// Signs `files` as bundle `version`, issued now. The caller validates the set first (so the
-/// operator sees every error with its file and line); signing an invalid set is refused too.
-pub fn sign(
-    files: Vec<PolicyFile>,
+impl<C: Content> Verified<C> {
+    /// What an agent holding it advertises in gossip.
+    pub fn advert(&self) -> weft_discovery::BundleAdvert {
+        weft_discovery::BundleAdvert {
+            version: self.version,
+            digest: self.digest.clone(),
+        }
+    }
+}
+
+/// Signs `content` as bundle `version`, issued now. The caller validates the content first
+/// (so the operator sees every error with its file and line); signing invalid content is
+/// refused too.
+pub fn sign<C: Content>(
+    content: C,
     version: u64,
     signer: &OperatorSigner,
 ) -> Result<Vec<u8>, BundleError> {
     let issued_at = unix_secs(SystemTime::now());
     check_version_bound(version, issued_at)?;
+    content.compile(signer.id().trust_domain())?;
     let payload = Payload {
         td: signer.id().trust_domain().to_string(),
         version,
         issued_at,
-        files,
+        content,
     };
     let payload_json = serde_json::to_vec(&payload).expect("the payload always serializes");
     let payload_b64 = URL_SAFE_NO_PAD.encode(&payload_json);
-    let signature = signer.sign(signed_bytes(&payload_b64).as_bytes())?;
+    let signature = signer.sign(signed_bytes::<C>(&payload_b64).as_bytes())?;
     let envelope = Envelope {
-        format: FORMAT.into(),
+        format: C::FORMAT.into(),
         payload: payload_b64,
         cert: URL_SAFE_NO_PAD.encode(signer.cert_der().as_ref()),
         signature: URL_SAFE_NO_PAD.encode(signature),
@@ -182,42 +263,43 @@ pub fn sign(
 /// against `trust`: the operator certificate must have been valid when the bundle was issued
 /// *and* be valid now, so a bundle signed with a backdated issue time by a credential that has
 /// since expired is refused.
-pub fn open(
+pub fn open<C: Content>(
     bytes: &[u8],
     trust: &TrustBundle,
     now: SystemTime,
-) -> Result<VerifiedBundle, BundleError> {
+) -> Result<Verified<C>, BundleError> {
     open_checked(bytes, trust, now, true)
 }
 
 /// Verifies and opens the bundle this agent persisted after it accepted it: the operator
 /// certificate must have been valid when the bundle was issued, so policy in force survives
 /// a restart after the operator credential expired.
-pub fn open_persisted(
+pub fn open_persisted<C: Content>(
     bytes: &[u8],
     trust: &TrustBundle,
     now: SystemTime,
-) -> Result<VerifiedBundle, BundleError> {
+) -> Result<Verified<C>, BundleError> {
     open_checked(bytes, trust, now, false)
 }
 
 /// Both openings; `received` adds the check that the operator certificate is valid `now`.
-fn open_checked(
+fn open_checked<C: Content>(
     bytes: &[u8],
     trust: &TrustBundle,
     now: SystemTime,
     received: bool,
-) -> Result<VerifiedBundle, BundleError> {
+) -> Result<Verified<C>, BundleError> {
     if bytes.len() > MAX_BUNDLE_BYTES {
         return Err(BundleError::TooLarge(bytes.len()));
     }
     let malformed = |what: String| BundleError::Malformed(what);
     let envelope: Envelope =
         serde_json::from_slice(bytes).map_err(|e| malformed(format!("envelope: {e}")))?;
-    if envelope.format != FORMAT {
+    if envelope.format != C::FORMAT {
         return Err(malformed(format!(
-            "format {:?}, expected {FORMAT:?}",
-            envelope.format
+            "format {:?}, expected {:?}",
+            envelope.format,
+            C::FORMAT
         )));
     }
     let decode = |field: &str, text: &str| {
@@ -229,7 +311,7 @@ fn open_checked(
     let cert = CertificateDer::from(decode("cert", &envelope.cert)?);
     let signature = decode("signature", &envelope.signature)?;
     // Read, not yet believed: the signer's certificate is checked at the issue time.
-    let payload: Payload =
+    let payload: Payload<C> =
         serde_json::from_slice(&payload_json).map_err(|e| malformed(format!("payload: {e}")))?;
     if payload.issued_at > unix_secs(now).saturating_add(MAX_CLOCK_SKEW.as_secs() as i64) {
         return Err(BundleError::NotYetValid(payload.issued_at));
@@ -237,7 +319,7 @@ fn open_checked(
     let issued_at = to_system_time(payload.issued_at);
     let operator = verify_operator_signature(
         &cert,
-        signed_bytes(&envelope.payload).as_bytes(),
+        signed_bytes::<C>(&envelope.payload).as_bytes(),
         &signature,
         trust,
         issued_at,
@@ -256,19 +338,14 @@ fn open_checked(
         return Err(malformed("version 0; versions start at 1".into()));
     }
     check_version_bound(payload.version, payload.issued_at)?;
-    let named: Vec<(&str, &str)> = payload
-        .files
-        .iter()
-        .map(|f| (f.name.as_str(), f.text.as_str()))
-        .collect();
-    let set = PolicySet::parse_files(&named).map_err(BundleError::Invalid)?;
-    Ok(VerifiedBundle {
+    let compiled = payload.content.compile(trust.trust_domain())?;
+    Ok(Verified {
         version: payload.version,
         digest: hex_digest(&payload_json),
         issued_at,
         operator,
-        files: payload.files,
-        set,
+        content: payload.content,
+        compiled,
         bytes: bytes.to_vec(),
     })
 }
@@ -293,12 +370,12 @@ fn check_version_bound(version: u64, issued_at: i64) -> Result<(), BundleError> 
 pub fn peek(bytes: &[u8]) -> Option<(u64, String)> {
     let envelope: Envelope = serde_json::from_slice(bytes).ok()?;
     let payload_json = URL_SAFE_NO_PAD.decode(&envelope.payload).ok()?;
-    let payload: Payload = serde_json::from_slice(&payload_json).ok()?;
-    Some((payload.version, hex_digest(&payload_json)))
+    let header: Header = serde_json::from_slice(&payload_json).ok()?;
+    Some((header.version, hex_digest(&payload_json)))
 }
 
-fn signed_bytes(payload_b64: &str) -> String {
-    format!("{FORMAT}.{payload_b64}")
+fn signed_bytes<C: Content>(payload_b64: &str) -> String {
+    format!("{}.{payload_b64}", C::FORMAT)
 }
 
 fn hex_digest(bytes: &[u8]) -> String {
@@ -348,11 +425,22 @@ pub(crate) mod tests {
         }
     }
 
-    pub(crate) fn files(text: &str) -> Vec<PolicyFile> {
-        vec![PolicyFile {
-            name: "mesh.yaml".into(),
-            text: text.into(),
-        }]
+    pub(crate) fn files(text: &str) -> PolicyFiles {
+        PolicyFiles {
+            files: vec![PolicyFile {
+                name: "mesh.yaml".into(),
+                text: text.into(),
+            }],
+        }
+    }
+
+    /// [`super::open`] for policy bundles.
+    fn open(
+        bytes: &[u8],
+        trust: &TrustBundle,
+        now: SystemTime,
+    ) -> Result<VerifiedBundle, BundleError> {
+        super::open(bytes, trust, now)
     }
 
     fn envelope(bytes: &[u8]) -> serde_json::Value {
@@ -370,10 +458,13 @@ pub(crate) mod tests {
         )
         .unwrap();
         let signature = key
-            .sign(&SystemRandom::new(), signed_bytes(&payload).as_bytes())
+            .sign(
+                &SystemRandom::new(),
+                signed_bytes::<PolicyFiles>(&payload).as_bytes(),
+            )
             .unwrap();
         serde_json::to_vec(&serde_json::json!({
-            "format": FORMAT,
+            "format": PolicyFiles::FORMAT,
             "payload": payload,
             "cert": URL_SAFE_NO_PAD.encode(cert_der),
             "signature": URL_SAFE_NO_PAD.encode(signature.as_ref()),
@@ -399,7 +490,7 @@ pub(crate) mod tests {
             opened.operator.to_string(),
             "spiffe://policy.test/operator/alice"
         );
-        assert_eq!(opened.files, files(ALLOW_ALL));
+        assert_eq!(opened.content, files(ALLOW_ALL));
         assert_eq!(opened.digest.len(), 64);
         assert_eq!(opened.bytes, bytes);
         // The digest is over the payload: the same files signed again (a new signature, a new
@@ -505,7 +596,7 @@ pub(crate) mod tests {
         // Two years on, the operator certificate (one year) has expired; the bundle this
         // agent accepted while it was valid still opens from its own disk...
         let later = SystemTime::now() + Duration::from_secs(2 * 365 * 86_400);
-        assert!(open_persisted(&bytes, &f.trust, later).is_ok());
+        assert!(open_persisted::<PolicyFiles>(&bytes, &f.trust, later).is_ok());
         // ...but nobody can hand it (or anything else that credential signed, backdated or
         // not) to an agent any more.
         let err = open(&bytes, &f.trust, later).unwrap_err();
@@ -525,6 +616,36 @@ pub(crate) mod tests {
         assert_eq!(
             open(&bytes, &f.trust, SystemTime::now()).unwrap().version,
             highest
+        );
+    }
+
+    #[test]
+    fn a_revocation_bundle_opens_as_one_and_never_as_policy() {
+        let f = fixture(TD);
+        let entry = |value: &str| weft_ca::Revocation {
+            kind: weft_ca::RevokedKind::Node,
+            value: value.into(),
+            at: unix_secs(SystemTime::now()),
+            reason: "lost laptop".into(),
+        };
+        let list = RevocationList {
+            revoked: vec![entry("web-1")],
+        };
+        let bytes = sign(list.clone(), 4, &f.signer).unwrap();
+        let opened: Verified<RevocationList> =
+            super::open(&bytes, &f.trust, SystemTime::now()).unwrap();
+        assert_eq!(opened.content, list);
+        assert_eq!(opened.compiled.len(), 1);
+        assert_eq!(peek(&bytes).map(|p| p.0), Some(4));
+        let err = open(&bytes, &f.trust, SystemTime::now()).unwrap_err();
+        assert_eq!(err.reason(), "malformed", "{err}");
+        // An entry that names no valid subject is refused when signing.
+        let bad = RevocationList {
+            revoked: vec![entry("a/b")],
+        };
+        assert_eq!(
+            sign(bad, 5, &f.signer).unwrap_err().reason(),
+            "invalid_revocations"
         );
     }
 

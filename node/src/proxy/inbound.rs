@@ -18,7 +18,7 @@ use weft_discovery::Protocol;
 use super::gate::{self, Gate, Upstream};
 use super::header::{self, MAX_FIELD, Status, StreamHeader, StreamKind};
 use super::metered::Metered;
-use super::tunnel::{peer_node, track};
+use super::tunnel::{TrustWatch, peer_node, track};
 use super::{CONNECT_TIMEOUT, Direction, HEADER_TIMEOUT, ProxyContext, source_label, splice};
 
 /// How an accepted stream is carried to the service.
@@ -48,6 +48,11 @@ pub async fn serve(context: Arc<ProxyContext>, connection: quinn::Connection) {
         context.metrics.clone(),
         peer.not_after,
         None,
+        TrustWatch {
+            bundle: context.shared.bundle.clone(),
+            signal: context.shared.trust_signal.clone(),
+            usage: Usage::Client,
+        },
     );
     loop {
         let (send, recv) = tokio::select! {

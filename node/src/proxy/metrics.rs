@@ -20,6 +20,7 @@ pub struct ProxyMetrics {
     stream_errors: IntCounterVec,
     rtt: Histogram,
     path_events: IntCounterVec,
+    reverified: IntCounterVec,
 }
 
 /// Which way a connection goes, seen from this agent.
@@ -122,6 +123,14 @@ impl ProxyMetrics {
         )?;
         registry.register(Box::new(rtt.clone()))?;
         registry.register(Box::new(path_events.clone()))?;
+        let reverified = IntCounterVec::new(
+            Opts::new(
+                "weft_tunnel_reverified_total",
+                "Open tunnels verified again after the trust in force changed (roots reloaded, revocations installed), by result (kept, closed) and, when closed, the reason the peer no longer verifies.",
+            ),
+            &["result", "reason"],
+        )?;
+        registry.register(Box::new(reverified.clone()))?;
         Ok(ProxyMetrics {
             opened,
             closed,
@@ -133,6 +142,7 @@ impl ProxyMetrics {
             stream_errors,
             rtt,
             path_events,
+            reverified,
         })
     }
 
@@ -168,6 +178,12 @@ impl ProxyMetrics {
     /// Counts a handshake.
     pub fn handshake(&self, role: &str, result: &str) {
         self.handshakes.with_label_values(&[role, result]).inc();
+    }
+
+    /// Counts an open tunnel verified again after a trust change: `kept`, or `closed` with
+    /// the reason its peer no longer verifies.
+    pub fn reverified(&self, result: &str, reason: &str) {
+        self.reverified.with_label_values(&[result, reason]).inc();
     }
 
     /// Tracks the number of open tunnels.

@@ -15,14 +15,14 @@ use std::time::{Duration, Instant, SystemTime};
 use rustls_pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite, Join, ReadBuf};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 use weft_ca::tls::{SharedBundle, SvidServerVerifier, quic_client_config};
 use weft_ca::{Usage, VerifiedSvid, WeftIdentity, verify_svid};
 use weft_discovery::ServiceKey;
 
 use super::header::{self, MAX_FIELD, Status, StreamHeader};
 use super::{HEADER_TIMEOUT, ProxyMetrics};
-use crate::identity::SharedIdentities;
+use crate::identity::{SharedIdentities, TrustSignal};
 
 /// ALPN of tunnels between agents.
 pub const ALPN_TUNNEL: &[u8] = b"weft/1";
@@ -169,6 +169,7 @@ type Slot = Arc<tokio::sync::Mutex<Option<Tunnel>>>;
 pub struct TunnelPool {
     endpoint: quinn::Endpoint,
     bundle: SharedBundle,
+    signal: TrustSignal,
     identities: SharedIdentities,
     metrics: ProxyMetrics,
     transport: Arc<quinn::TransportConfig>,
@@ -204,22 +205,58 @@ pub fn transport_config() -> quinn::TransportConfig {
     transport
 }
 
-/// The verified node SVID of a tunnel's peer, or why there is none.
+/// Why a peer's certificate is not (or no longer) a node SVID of the trust in force.
+#[derive(Debug)]
+pub struct PeerRefused {
+    /// A short label for metrics (`reason`).
+    pub reason: &'static str,
+    message: String,
+}
+
+impl std::fmt::Display for PeerRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// The verified node SVID of a tunnel's peer, or why there is none. Checked against the
+/// trust bundle in force now (revocations included), so it also tells whether a peer
+/// verified at the handshake still does.
 pub fn peer_node(
     connection: &quinn::Connection,
     bundle: &SharedBundle,
     usage: Usage,
-) -> Result<VerifiedSvid, String> {
+) -> Result<VerifiedSvid, PeerRefused> {
     let chain = connection
         .peer_identity()
         .and_then(|identity| identity.downcast::<Vec<CertificateDer<'static>>>().ok())
-        .ok_or_else(|| "no client certificate".to_string())?;
+        .ok_or_else(|| PeerRefused {
+            reason: "no_certificate",
+            message: "no client certificate".into(),
+        })?;
     let svid =
-        verify_svid(&chain, &bundle.load(), SystemTime::now(), usage).map_err(|e| e.to_string())?;
+        verify_svid(&chain, &bundle.load(), SystemTime::now(), usage).map_err(|e| PeerRefused {
+            reason: e.reason(),
+            message: e.to_string(),
+        })?;
     match svid.id.kind() {
         WeftIdentity::Node { .. } => Ok(svid),
-        _ => Err(format!("{} is not a node identity", svid.id)),
+        _ => Err(PeerRefused {
+            reason: "not_a_node",
+            message: format!("{} is not a node identity", svid.id),
+        }),
     }
+}
+
+/// The trust an open tunnel's peer is verified against again whenever it changes.
+#[derive(Clone)]
+pub struct TrustWatch {
+    /// The trust bundle in force (revocations included).
+    pub bundle: SharedBundle,
+    /// Where changes are signalled.
+    pub signal: TrustSignal,
+    /// How the peer's certificate is used: `Server` for tunnels this agent dialed.
+    pub usage: Usage,
 }
 
 impl TunnelPool {
@@ -227,12 +264,14 @@ impl TunnelPool {
     pub fn new(
         endpoint: quinn::Endpoint,
         bundle: SharedBundle,
+        signal: TrustSignal,
         identities: SharedIdentities,
         metrics: ProxyMetrics,
     ) -> TunnelPool {
         TunnelPool {
             endpoint,
             bundle,
+            signal,
             identities,
             metrics,
             transport: Arc::new(transport_config()),
@@ -347,6 +386,11 @@ impl TunnelPool {
             self.metrics.clone(),
             peer.not_after,
             Some(users.clone()),
+            TrustWatch {
+                bundle: self.bundle.clone(),
+                signal: self.signal.clone(),
+                usage: Usage::Server,
+            },
         );
         Ok(Tunnel {
             connection,
@@ -416,7 +460,7 @@ impl TunnelPool {
         let peer = peer_node(&connection, &self.bundle, Usage::Server).map_err(|reason| {
             self.metrics.handshake("client", "bad_peer");
             connection.close(2u32.into(), b"peer identity refused");
-            connect(reason)
+            connect(reason.to_string())
         })?;
         self.metrics.handshake("client", "ok");
         Ok((connection, peer))
@@ -424,15 +468,19 @@ impl TunnelPool {
 }
 
 /// Counts a tunnel while it is open, samples its RTT and path events, and closes it when the
-/// peer's certificate expires: a TLS identity is checked at the handshake only, so a long-lived
-/// tunnel must not outlive it (the next stream handshakes again with a fresh SVID). A pooled
-/// tunnel comes with its `users`: once retired, it is closed when nothing else holds them.
+/// peer's certificate expires or, whenever the trust in force changes (roots reloaded,
+/// revocations installed), no longer verifies: a TLS identity is checked at the handshake
+/// only, so a long-lived tunnel must not outlive it (the next stream handshakes again with a
+/// fresh SVID). A pooled tunnel comes with its `users`: once retired, it is closed when
+/// nothing else holds them.
 pub fn track(
     connection: quinn::Connection,
     metrics: ProxyMetrics,
     peer_not_after: SystemTime,
     users: Option<Arc<Retirement>>,
+    trust: TrustWatch,
 ) {
+    let mut changes = trust.signal.subscribe();
     metrics.tunnel_opened();
     let expires_in = peer_not_after
         .duration_since(SystemTime::now())
@@ -452,6 +500,16 @@ pub fn track(
                 _ = &mut expiry => {
                     info!(remote = %connection.remote_address(), "closing a tunnel whose peer certificate expired");
                     connection.close(5u32.into(), b"peer certificate expired");
+                }
+                Ok(()) = changes.changed() => {
+                    match peer_node(&connection, &trust.bundle, trust.usage) {
+                        Ok(_) => metrics.reverified("kept", ""),
+                        Err(refused) => {
+                            warn!(remote = %connection.remote_address(), reason = refused.reason, %refused, "closing a tunnel whose peer no longer verifies");
+                            metrics.reverified("closed", refused.reason);
+                            connection.close(7u32.into(), b"peer identity no longer trusted");
+                        }
+                    }
                 }
                 _ = sample.tick() => {
                     metrics.rtt(connection.rtt());

@@ -181,7 +181,7 @@ pub async fn handle(
         policy
             .bundle
             .as_ref()
-            .and_then(|b| b.set.route_policy(service)),
+            .and_then(|b| b.compiled.route_policy(service)),
     );
     let budget = context.l7.budget(&destination);
     budget.deposit(&rules);

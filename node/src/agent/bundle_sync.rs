@@ -1,9 +1,9 @@
-//! Policy distribution without a server: every agent advertises the version and digest of the
-//! bundle it enforces in gossip ([`weft_discovery::PolicyAdvert`]); an agent that sees a
-//! member advertise a higher version fetches the bundle from that member over QUIC (ALPN
-//! [`ALPN_POLICY`], mutual TLS with node SVIDs) and offers it to its [`PolicyStore`], which
-//! verifies the operator's signature before anything changes. Gossip only says where to look;
-//! it never decides what is trusted.
+//! Distribution of operator-signed bundles (policy, revocations) without a server: every
+//! agent advertises the version and digest of the bundle of each kind it holds in gossip
+//! ([`weft_discovery::BundleAdvert`]); an agent that sees a member advertise a later one
+//! fetches it from that member over QUIC (one ALPN per kind, mutual TLS with node SVIDs) and
+//! offers it to its [`SignedStore`], which verifies the operator's signature before anything
+//! changes. Gossip only says where to look; it never decides what is trusted.
 //!
 //! Wire: the fetching agent opens one bidirectional stream and finishes its side without
 //! sending anything; the serving agent writes its bundle (the exact bytes the operator
@@ -18,33 +18,42 @@ use rand::seq::SliceRandom;
 use tokio::sync::watch;
 use tracing::{debug, warn};
 use weft_ca::Usage;
-use weft_discovery::{MemberState, PolicyAdvert};
+use weft_discovery::{BundleAdvert, Member, MemberState};
 
 use super::Shared;
-use super::policy::{OfferError, offer_off_runtime};
-use crate::policy::bundle::{MAX_BUNDLE_BYTES, peek};
+use super::signed_store::{OfferError, SignedStore, offer_off_runtime};
+use crate::policy::bundle::{Content, MAX_BUNDLE_BYTES, peek};
 use crate::proxy::ProxyContext;
 use crate::proxy::tunnel::peer_node;
 
-/// ALPN of the policy fetch protocol.
-pub const ALPN_POLICY: &[u8] = b"weft-policy/1";
+/// A kind of bundle agents pass to each other.
+pub trait Distributed: Content {
+    /// The ALPN its fetches use.
+    const ALPN: &'static [u8];
+    /// Its name in logs and metrics (`kind`).
+    const KIND: &'static str;
+    /// This agent's store of it.
+    fn store(shared: &Shared) -> &Arc<SignedStore<Self>>;
+    /// What a member advertises of it.
+    fn advert(member: &Member) -> Option<&BundleAdvert>;
+}
+
 /// How long one fetch may take, handshake included.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the catalog is looked at even when nothing in it changed (after a failed fetch).
 const RETRY_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Serves this agent's bundle on one `weft-policy/1` connection from another agent.
-pub async fn serve(shared: Arc<Shared>, connection: quinn::Connection) {
+/// Serves this agent's bundle of kind `C` on one connection from another agent.
+pub async fn serve<C: Distributed>(shared: Arc<Shared>, connection: quinn::Connection) {
     let remote = connection.remote_address();
     if let Err(reason) = peer_node(&connection, &shared.bundle, Usage::Client) {
-        warn!(%remote, %reason, "policy fetch refused");
+        warn!(%remote, %reason, kind = C::KIND, "bundle fetch refused");
         connection.close(3u32.into(), b"a node SVID is required");
         return;
     }
     while let Ok((mut send, _recv)) = connection.accept_bi().await {
-        let bytes = shared
-            .policy
-            .active()
+        let bytes = C::store(&shared)
+            .held()
             .bundle
             .as_ref()
             .map(|b| b.bytes.clone())
@@ -56,34 +65,35 @@ pub async fn serve(shared: Arc<Shared>, connection: quinn::Connection) {
     }
 }
 
-/// Keeps this agent's policy at the highest version any alive member advertises, until
+/// Keeps this agent's bundle of kind `C` at the latest any alive member advertises, until
 /// `stop`. (The agent's publish loop advertises the version in force.)
 ///
 /// Every advertiser of a later bundle is tried, latest first and in random order among
 /// equals, until one serves a bundle that is exactly what it advertised (version and digest)
 /// and verifies. A peer that serves something else, or nothing, is counted as lying and left
 /// alone for a growing back-off, so one member advertising a huge version it does not have
-/// costs one fetch, not a frozen policy.
-pub async fn run(proxy: Arc<ProxyContext>, mut stop: watch::Receiver<bool>) {
+/// costs one fetch, not a frozen policy or revocation list.
+pub async fn run<C: Distributed>(proxy: Arc<ProxyContext>, mut stop: watch::Receiver<bool>) {
     let shared = proxy.shared.clone();
+    let store = C::store(&shared).clone();
     let mut catalog = shared.catalog.clone();
-    let mut applied = shared.policy.subscribe();
+    let mut applied = store.subscribe();
     let mut backoff = Backoff::default();
     loop {
-        let wanted = newer_peers(&shared);
+        let wanted = newer_peers::<C>(&shared, &store);
         let mut fetched = wanted.is_empty();
         let now = Instant::now();
         for (name, addr, advert) in wanted {
             if backoff.waiting(&name, now) {
                 continue;
             }
-            let fetch = proxy.tunnels.ask(addr, ALPN_POLICY, MAX_BUNDLE_BYTES);
+            let fetch = proxy.tunnels.ask(addr, C::ALPN, MAX_BUNDLE_BYTES);
             let outcome = match tokio::time::timeout(FETCH_TIMEOUT, fetch).await {
                 Ok(Ok(bytes)) => match peek(&bytes) {
                     Some((version, digest))
                         if version == advert.version && digest == advert.digest =>
                     {
-                        match offer_off_runtime(shared.clone(), bytes, format!("peer {name}")).await
+                        match offer_off_runtime(store.clone(), bytes, format!("peer {name}")).await
                         {
                             // Someone else's newer bundle may have arrived meanwhile: either
                             // way this agent is up to date with this peer.
@@ -95,11 +105,11 @@ pub async fn run(proxy: Arc<ProxyContext>, mut stop: watch::Receiver<bool>) {
                     _ => Fetch::Lying("served another bundle than it advertises"),
                 },
                 Ok(Err(reason)) => {
-                    debug!(peer = %name, version = advert.version, %reason, "policy fetch failed");
+                    debug!(peer = %name, kind = C::KIND, version = advert.version, %reason, "bundle fetch failed");
                     Fetch::Failed
                 }
                 Err(_) => {
-                    debug!(peer = %name, version = advert.version, "policy fetch timed out");
+                    debug!(peer = %name, kind = C::KIND, version = advert.version, "bundle fetch timed out");
                     Fetch::Failed
                 }
             };
@@ -110,12 +120,12 @@ pub async fn run(proxy: Arc<ProxyContext>, mut stop: watch::Receiver<bool>) {
                     break;
                 }
                 Fetch::Lying(why) => {
-                    warn!(peer = %name, version = advert.version, digest = %advert.digest, why, "policy advert not honoured; trying the next advertiser");
-                    shared.metrics.policy_peer("lying");
+                    warn!(peer = %name, kind = C::KIND, version = advert.version, digest = %advert.digest, why, "bundle advert not honoured; trying the next advertiser");
+                    shared.metrics.sync_peer(C::KIND, "lying");
                     backoff.failed(&name, now);
                 }
                 Fetch::Failed => {
-                    shared.metrics.policy_peer("unreachable");
+                    shared.metrics.sync_peer(C::KIND, "unreachable");
                     backoff.failed(&name, now);
                 }
             }
@@ -174,23 +184,26 @@ impl Backoff {
     }
 }
 
-/// Alive members advertising a later bundle than ours (by version, then digest) and not
-/// below `[policy] min_version`, latest first, shuffled among equals so fetches spread over the members that have it.
-fn newer_peers(shared: &Shared) -> Vec<(String, SocketAddr, PolicyAdvert)> {
-    let ours = shared
-        .policy
-        .active()
+/// Alive members advertising a later bundle of kind `C` than ours (by version, then digest)
+/// and not below the store's floor, latest first, shuffled among equals so fetches spread over
+/// the members that have it.
+fn newer_peers<C: Distributed>(
+    shared: &Shared,
+    store: &SignedStore<C>,
+) -> Vec<(String, SocketAddr, BundleAdvert)> {
+    let ours = store
+        .held()
         .advert()
         .map(|a| (a.version, a.digest))
         .unwrap_or_default();
-    let minimum = shared.policy.min_version();
+    let minimum = store.min_version();
     let catalog = shared.catalog.current();
-    let mut peers: Vec<(String, SocketAddr, PolicyAdvert)> = catalog
+    let mut peers: Vec<(String, SocketAddr, BundleAdvert)> = catalog
         .members
         .values()
         .filter(|m| !m.is_self && m.state == MemberState::Alive)
         .filter_map(|m| {
-            let advert = m.policy.as_ref()?;
+            let advert = C::advert(m)?;
             let addr = m.record.as_ref()?.tunnel_addr;
             (advert.version >= minimum && (advert.version, advert.digest.clone()) > ours)
                 .then(|| (m.name.clone(), addr, advert.clone()))
