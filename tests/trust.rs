@@ -48,21 +48,31 @@ struct Mesh {
     upstream: u16,
 }
 
+/// a1 (a CA host), a2 running `api`, a3 reaching it through an upstream.
 fn mesh() -> Mesh {
-    let echo = echo_server();
+    start_mesh(3, &["a2"])
+}
+
+/// `n` agents: a1 a CA host, each of `api_hosts` running `api` (its own echo server), and the
+/// last agent reaching it through an upstream; waits until that agent sees every endpoint.
+fn start_mesh(n: usize, api_hosts: &[&str]) -> Mesh {
     let upstream = free_port();
-    let cluster = Cluster::start(3, |spec| match spec.name.as_str() {
-        "a2" => spec.extra = service_table("api", echo, "tcp"),
-        "a3" => spec.extra = upstream_table("api", upstream),
-        _ => {}
+    let client = format!("a{n}");
+    let cluster = Cluster::start(n, |spec| {
+        if api_hosts.contains(&spec.name.as_str()) {
+            spec.extra = service_table("api", echo_server(), "tcp");
+        } else if spec.name == client {
+            spec.extra = upstream_table("api", upstream);
+        }
     })
-    .expect("start three agents");
+    .expect("start the agents");
     let ready = wait_until(Duration::from_secs(20), || {
+        let seen = cluster.agents[n - 1].endpoints("default/api");
         cluster.all_ready()
-            && cluster.agents[2]
-                .endpoints("default/api")
-                .iter()
-                .any(|(node, health)| node == "a2" && health == "passing")
+            && api_hosts.iter().all(|host| {
+                seen.iter()
+                    .any(|(node, health)| node == host && health == "passing")
+            })
     });
     assert!(ready.is_some(), "mesh not ready\n{}", cluster.logs());
     Mesh { cluster, upstream }
@@ -445,7 +455,7 @@ fn a_member_advertising_a_policy_it_does_not_serve_cannot_freeze_policy() {
     assert!(
         mesh.cluster.agents[2]
             .log()
-            .contains("policy advert not honoured"),
+            .contains("bundle advert not honoured"),
         "a3 did not log the liar"
     );
     traffic.wait_for(HONEST_REQUESTS);
@@ -455,4 +465,206 @@ fn a_member_advertising_a_policy_it_does_not_serve_cannot_freeze_policy() {
         failed, 0,
         "{sent} honest requests, {failed} failed: {errors:?}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Revocation
+// ---------------------------------------------------------------------------------------------
+
+/// Whether `agent` holds a revocation list and lists `api` only on `expected`.
+fn cut_off_on(agent: &TestAgent, expected: &[&str]) -> bool {
+    let revoked = agent
+        .cli_json(&["status"])
+        .is_ok_and(|status| status["revocations"].as_u64().unwrap_or(0) >= 1);
+    let endpoints: Vec<String> = agent
+        .endpoints("default/api")
+        .into_iter()
+        .map(|(node, _)| node)
+        .collect();
+    revoked && endpoints == expected
+}
+
+/// Asks the CA host at `ca` to renew `node`'s node SVID with the certificate and key the
+/// agent holds in `data_dir`, as that agent would.
+fn renew_with_held_svid(
+    rt: &tokio::runtime::Runtime,
+    mesh: &Mesh,
+    node: &str,
+    ca: std::net::SocketAddr,
+) -> Result<(), String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let data_dir = mesh.cluster.dir().join(format!("{node}-data"));
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(data_dir.join("node.pem"))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+    let key = PrivateKeyDer::from_pem_file(data_dir.join("node.key")).unwrap();
+    let held = weft_ca::tls::certified_key(chain, key).unwrap();
+    let bundle = weft_ca::TrustBundle::load_pem(
+        weft_ca::TrustDomain::new(CLUSTER_ID).unwrap(),
+        &mesh.cluster.pki.bundle(),
+    )
+    .unwrap();
+    let csr_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params.subject_alt_names = vec![rcgen::SanType::URI(
+        format!("spiffe://{CLUSTER_ID}/node/{node}")
+            .try_into()
+            .unwrap(),
+    )];
+    let csr = params.serialize_request(&csr_key).unwrap();
+    let request = weft_ca::protocol::CaRequest::RenewNode {
+        csr: weft_ca::protocol::encode_der(csr.der()),
+    };
+    rt.block_on(async {
+        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let client = weft_ca::client::CaClient::new(
+            endpoint,
+            Arc::new(arc_swap::ArcSwap::from_pointee(bundle)),
+        );
+        client
+            .request(ca, Some(held), &request)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    })
+}
+
+/// `weft revoke node a2` under steady load through a4, with a3 the other endpoint of `api`:
+/// within 2 s every agent holds the revocation and lists only a3, a4's tunnel to a2 is
+/// closed, honest requests see 0 failures, a2's renewal is refused, and all of it holds
+/// after every agent restarts.
+#[test]
+fn a_revoked_host_is_cut_off_everywhere_under_load_and_stays_revoked() {
+    let mut mesh = start_mesh(4, &["a2", "a3"]);
+    let rt = test_runtime();
+    let a1_tunnel: std::net::SocketAddr = {
+        let a1 = &mesh.cluster.agents[0].spec;
+        format!("{}:{}", a1.ip, a1.tunnel_port).parse().unwrap()
+    };
+    renew_with_held_svid(&rt, &mesh, "a2", a1_tunnel).expect("a2 renews before the revocation");
+    let traffic = Traffic::start(mesh.upstream);
+    traffic.wait_for(50);
+    let sent_before = traffic.sent.load(Ordering::Relaxed);
+    let closed = |agent: &TestAgent| {
+        agent.metric("weft_tunnel_reverified_total{reason=\"revoked\",result=\"closed\"}")
+    };
+    let honest = [0usize, 2, 3];
+
+    let started = Instant::now();
+    let out = mesh.cluster.agents[0].cli(
+        &["revoke", "node", "a2", "--reason", "test: host compromised"],
+        Some(mesh.cluster.pki.operator_dir()),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let everywhere = wait_until(Duration::from_secs(10), || {
+        honest
+            .iter()
+            .all(|&i| cut_off_on(&mesh.cluster.agents[i], &["a3"]))
+            && closed(&mesh.cluster.agents[3]) >= 1.0
+    });
+    let took = started.elapsed();
+    assert!(
+        everywhere.is_some(),
+        "a2 not cut off everywhere in 10 s: {:?}\n{}",
+        honest
+            .iter()
+            .map(|&i| mesh.cluster.agents[i].endpoints("default/api"))
+            .collect::<Vec<_>>(),
+        mesh.cluster.logs()
+    );
+    println!(
+        "`weft revoke node a2` to every agent holding it, listing api only on a3 and a4's tunnel to a2 closed: {took:?}"
+    );
+    assert!(
+        took <= Duration::from_secs(2),
+        "a2 was cut off everywhere only after {took:?}"
+    );
+
+    let refused =
+        renew_with_held_svid(&rt, &mesh, "a2", a1_tunnel).expect_err("a revoked node SVID renewed");
+    assert!(refused.contains("revoked"), "{refused}");
+    for &i in &honest {
+        let agent = &mesh.cluster.agents[i];
+        assert!(
+            agent.metric("weft_gossip_records_rejected_total{reason=\"revoked\"}") >= 1.0,
+            "{} did not count a2's records as revoked",
+            agent.spec.name
+        );
+    }
+    let list = mesh.cluster.agents[2]
+        .cli_json(&["revoke", "list"])
+        .unwrap();
+    assert_eq!(list["revoked"][0]["value"], "a2", "{list}");
+    assert_eq!(list["revoked"][0]["reason"], "test: host compromised");
+
+    traffic.wait_for(sent_before + HONEST_REQUESTS);
+    let (sent, failed, errors) = traffic.finish();
+    println!("honest requests around the revocation: {sent}, failed: {failed}");
+    assert_eq!(failed, 0, "honest requests failed: {errors:?}");
+
+    // Every agent restarts (a2 too): each enforces the list it persisted.
+    for agent in &mut mesh.cluster.agents {
+        agent.restart().unwrap();
+    }
+    let still = wait_until(Duration::from_secs(20), || {
+        honest.iter().all(|&i| {
+            let agent = &mesh.cluster.agents[i];
+            agent
+                .http_get("/ready")
+                .is_ok_and(|(status, _)| status == 200)
+                && cut_off_on(agent, &["a3"])
+        })
+    });
+    assert!(
+        still.is_some(),
+        "after restarts: {:?}\n{}",
+        honest
+            .iter()
+            .map(|&i| mesh.cluster.agents[i].endpoints("default/api"))
+            .collect::<Vec<_>>(),
+        mesh.cluster.logs()
+    );
+    let traffic = Traffic::start(mesh.upstream);
+    traffic.wait_for(50);
+    let (sent, failed, errors) = traffic.finish();
+    assert_eq!(failed, 0, "{sent} requests after restarts: {errors:?}");
+    assert_eq!(mesh.cluster.agents[3].endpoints("default/api").len(), 1);
+}
+
+/// a3 trusts only a new root after a SIGHUP: its open tunnel to a2, which only the removed
+/// root verified, is closed and counted.
+#[test]
+fn removing_a_root_closes_the_tunnels_it_alone_verified() {
+    let mesh = mesh();
+    let traffic = Traffic::start(mesh.upstream);
+    traffic.wait_for(20);
+    let (sent, failed, errors) = traffic.finish();
+    assert_eq!(failed, 0, "{sent} requests: {errors:?}");
+    let a3 = &mesh.cluster.agents[2];
+    assert!(a3.metric("weft_tunnels_open") >= 1.0, "no tunnel open");
+    let other = tempfile::tempdir().unwrap();
+    let new_root = std::fs::read(weft_tests::agent::Pki::new(other.path()).bundle()).unwrap();
+    std::fs::write(&a3.spec.trust_bundle, new_root).unwrap();
+    a3.sighup();
+    let closed = wait_until(Duration::from_secs(5), || {
+        a3.metric("weft_tunnel_reverified_total{reason=\"untrusted\",result=\"closed\"}") >= 1.0
+    });
+    assert!(closed.is_some(), "{}", a3.log());
+    assert!(
+        a3.log()
+            .contains("closing a tunnel whose peer no longer verifies"),
+        "{}",
+        a3.log()
+    );
+    let gone = wait_until(Duration::from_secs(5), || {
+        a3.metric("weft_tunnels_open") == 0.0
+    });
+    assert!(gone.is_some(), "a3 still has tunnels open\n{}", a3.log());
 }

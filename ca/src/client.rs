@@ -122,20 +122,29 @@ impl CaClient {
             .map_err(|e| connect(e.to_string()))?
             .await
             .map_err(|e| connect(e.to_string()))?;
+        // When the CA host closed the connection (it refused this client's certificate, say),
+        // its reason says more than the stream error.
+        let failed = |e: String| {
+            protocol(
+                connection
+                    .close_reason()
+                    .map_or(e, |reason| reason.to_string()),
+            )
+        };
         let result = async {
             let (mut send, mut recv) = connection
                 .open_bi()
                 .await
-                .map_err(|e| protocol(e.to_string()))?;
+                .map_err(|e| failed(e.to_string()))?;
             let body = serde_json::to_vec(request).expect("requests always serialize");
             send.write_all(&body)
                 .await
-                .map_err(|e| protocol(e.to_string()))?;
-            send.finish().map_err(|e| protocol(e.to_string()))?;
+                .map_err(|e| failed(e.to_string()))?;
+            send.finish().map_err(|e| failed(e.to_string()))?;
             let answer = recv
                 .read_to_end(MAX_MESSAGE)
                 .await
-                .map_err(|e| protocol(e.to_string()))?;
+                .map_err(|e| failed(e.to_string()))?;
             let response: CaResponse = serde_json::from_slice(&answer)
                 .map_err(|e| protocol(format!("answer is not weft-ca/1 JSON: {e}")))?;
             match response {

@@ -438,6 +438,8 @@ async fn refresh_loop(
             _ = tick.tick() => {}
         }
         let now = SystemTime::now();
+        // One bundle for the whole pass: what the verifier knows is only good under it.
+        let trust = bundle.load_full();
         let snapshots = {
             let mut guard = chitchat.lock().await;
             // Our own values as we signed them, even if a forged delta overwrote one.
@@ -445,9 +447,9 @@ async fn refresh_loop(
                 .lock()
                 .expect("local state lock is never poisoned")
                 .sync(guard.self_node_state());
-            snapshot(&guard, &mut heartbeats, interval, &verifier, now)
+            snapshot(&guard, &mut heartbeats, interval, &verifier, &trust, now)
         };
-        let verified = verifier.verify(snapshots, &bundle.load_full(), now);
+        let verified = verifier.verify(snapshots, &trust, now);
         let catalog = Catalog::build(verified);
         metrics.set_members(catalog.member_counts());
         publisher.publish(catalog);
@@ -461,6 +463,7 @@ fn snapshot(
     heartbeats: &mut HeartbeatTracker,
     interval: Duration,
     verifier: &RecordVerifier,
+    bundle: &Arc<weft_ca::TrustBundle>,
     now: SystemTime,
 ) -> Vec<RawNode> {
     let me = chitchat.self_chitchat_id();
@@ -480,7 +483,7 @@ fn snapshot(
             .unwrap_or(interval * 4)
             .max(interval * 2);
         let id_version = state.get_versioned(ID_KEY).map_or(0, |v| v.version);
-        let known = verifier.known(&id.node_id, id.generation_id, id_version, now);
+        let known = verifier.known(bundle, &id.node_id, id.generation_id, id_version, now);
         snapshots.push(RawNode {
             name: id.node_id.to_string(),
             generation: id.generation_id,

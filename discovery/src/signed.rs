@@ -320,21 +320,26 @@ impl RecordVerifier {
     }
 
     /// What this verifier already holds about incarnation (`name`, `generation`) whose `id`
-    /// is at `id_version`, still valid at `now`: values it has a verdict on at their current
-    /// version may be left out of the [`RawNode`] passed to [`RecordVerifier::verify`] with
-    /// the same `now` (copying large values out of chitchat on every refresh is most of what
-    /// signed records would otherwise cost).
+    /// is at `id_version`, still valid at `now` under `bundle`: values it has a verdict on at
+    /// their current version may be left out of the [`RawNode`] passed to
+    /// [`RecordVerifier::verify`] with the same `bundle` and `now` (copying large values out
+    /// of chitchat on every refresh is most of what signed records would otherwise cost).
+    /// Under another bundle than the last verified with (roots or revocations changed),
+    /// nothing is known: every value must be copied and checked again.
     pub fn known(
         &self,
+        bundle: &Arc<TrustBundle>,
         name: &str,
         generation: u64,
         id_version: u64,
         now: SystemTime,
     ) -> KnownValues<'_> {
+        let same_bundle = self.bundle.as_ref().is_some_and(|b| Arc::ptr_eq(b, bundle));
         let node = self
             .cache
             .get(name)
             .and_then(|g| g.get(&generation))
+            .filter(|_| same_bundle)
             .filter(|cached| {
                 cached.id_version == Some(id_version)
                     && cached.verdict.as_ref().is_ok_and(|id| id.not_after > now)
@@ -1006,7 +1011,8 @@ mod tests {
         let full = publisher.node.clone();
         let id_version = full.key_values[ID_KEY].version;
         let current = |v: &RecordVerifier, key: &str, version: u64, at: SystemTime| {
-            v.known("web-1", 5, id_version, at).has(key, version)
+            v.known(&mesh.bundle, "web-1", 5, id_version, at)
+                .has(key, version)
         };
         assert!(!current(&verifier, "node", 2, now), "nothing checked yet");
         let first = verifier.verify(vec![full.clone()], &mesh.bundle, now);
@@ -1016,7 +1022,7 @@ mod tests {
         assert!(!current(&verifier, "node", 9, now), "another version");
         assert!(
             !verifier
-                .known("web-1", 5, id_version + 1, now)
+                .known(&mesh.bundle, "web-1", 5, id_version + 1, now)
                 .has("node", 2)
         );
         let later = now + Duration::from_secs(120);
@@ -1029,6 +1035,13 @@ mod tests {
         let second = verifier.verify(vec![slim], &mesh.bundle, now);
         assert_eq!(first[0].key_values, second[0].key_values);
         assert_eq!(first[0].identity, second[0].identity);
+        // Under a new bundle (a revocation list installed), nothing is known any more.
+        let renewed = Arc::new(mesh.bundle.with_revocations(Arc::default()));
+        assert!(
+            !verifier
+                .known(&renewed, "web-1", 5, id_version, now)
+                .has(ID_KEY, id_version)
+        );
         for reason in Rejection::ALL {
             assert_eq!(metrics.rejected_count(reason), 0, "{reason:?}");
         }

@@ -130,7 +130,7 @@ fn signed_refresh(
         .iter()
         .map(|node| {
             let id_version = node.key_values.get(ID_KEY).map_or(0, |v| v.version);
-            let known = verifier.known(&node.name, node.generation, id_version, now);
+            let known = verifier.known(bundle, &node.name, node.generation, id_version, now);
             let key_values = node
                 .key_values
                 .iter()

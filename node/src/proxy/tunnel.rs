@@ -364,6 +364,7 @@ impl TunnelPool {
         let mut slot = slot.lock().await;
         if let Some(tunnel) = slot.as_ref()
             && tunnel.connection.close_reason().is_none()
+            && !tunnel.users.retired.is_cancelled()
             && stale.is_none_or(|s| s.connection.stable_id() != tunnel.connection.stable_id())
         {
             return Ok(tunnel.clone());
@@ -467,6 +468,9 @@ impl TunnelPool {
     }
 }
 
+/// How long streams in flight on a dialed tunnel may go on once its peer no longer verifies.
+const UNTRUSTED_GRACE: Duration = Duration::from_millis(500);
+
 /// Counts a tunnel while it is open, samples its RTT and path events, and closes it when the
 /// peer's certificate expires or, whenever the trust in force changes (roots reloaded,
 /// revocations installed), no longer verifies: a TLS identity is checked at the handshake
@@ -481,6 +485,7 @@ pub fn track(
     trust: TrustWatch,
 ) {
     let mut changes = trust.signal.subscribe();
+    let mut grace: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
     metrics.tunnel_opened();
     let expires_in = peer_not_after
         .duration_since(SystemTime::now())
@@ -507,9 +512,22 @@ pub fn track(
                         Err(refused) => {
                             warn!(remote = %connection.remote_address(), reason = refused.reason, %refused, "closing a tunnel whose peer no longer verifies");
                             metrics.reverified("closed", refused.reason);
-                            connection.close(7u32.into(), b"peer identity no longer trusted");
+                            match &users {
+                                // Dialed by this agent: no new streams from now on (the pool
+                                // connects again, and the handshake refuses the peer), and
+                                // the requests in flight get a moment to finish.
+                                Some(users) => {
+                                    users.retired.cancel();
+                                    grace = Some(Box::pin(tokio::time::sleep(UNTRUSTED_GRACE)));
+                                }
+                                None => connection.close(7u32.into(), b"peer identity no longer trusted"),
+                            }
                         }
                     }
+                }
+                _ = async { grace.as_mut().expect("guarded").await }, if grace.is_some() => {
+                    grace = None;
+                    connection.close(7u32.into(), b"peer identity no longer trusted");
                 }
                 _ = sample.tick() => {
                     metrics.rtt(connection.rtt());
