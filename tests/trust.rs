@@ -598,6 +598,18 @@ fn a_revoked_host_is_cut_off_everywhere_under_load_and_stays_revoked() {
             agent.spec.name
         );
     }
+    // A gossip-key rotation can go ahead without the revoked host, which still gossips.
+    let keys = mesh.cluster.agents[3]
+        .cli_json(&["gossip", "keys"])
+        .unwrap();
+    assert_eq!(keys["uniform"], true, "{keys}");
+    let listed: Vec<&str> = keys["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["node"].as_str())
+        .collect();
+    assert!(!listed.contains(&"a2"), "{keys}");
     let list = mesh.cluster.agents[2]
         .cli_json(&["revoke", "list"])
         .unwrap();

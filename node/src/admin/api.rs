@@ -299,11 +299,14 @@ pub struct KeysReport {
 }
 
 impl KeysReport {
-    /// Builds the report from the local keyring and the members.
+    /// Builds the report from the local keyring and the members. Only alive or suspect
+    /// members with a verified identity count: one without (revoked, not joined yet, or a
+    /// rogue holding the gossip key) publishes no keyring anyone believes, and a gossip-key
+    /// rotation is how such a host is shut out of gossip.
     pub fn new(local: Vec<String>, members: &[Member]) -> KeysReport {
         let members: Vec<MemberKeys> = members
             .iter()
-            .filter(|m| m.state.is_routable())
+            .filter(|m| m.state.is_routable() && m.identity.is_some())
             .map(|m| MemberKeys {
                 node: m.name.clone(),
                 state: m.state,
