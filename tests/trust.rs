@@ -680,3 +680,139 @@ fn removing_a_root_closes_the_tunnels_it_alone_verified() {
     });
     assert!(gone.is_some(), "a3 still has tunnels open\n{}", a3.log());
 }
+
+// ---------------------------------------------------------------------------------------------
+// Bounded work for unauthenticated peers
+// ---------------------------------------------------------------------------------------------
+
+/// Source addresses the flood comes from (127.0.0.2 and up: all loopback on Linux).
+const FLOOD_SOURCES: u8 = 40;
+/// Connections each source attempts.
+const FLOOD_PER_SOURCE: usize = 20;
+/// Bytes written (never finished) on each stream a flood connection opens.
+const FLOOD_BYTES_PER_STREAM: usize = 64 * 1024;
+/// The bound `docs/identity.md` states for what unauthenticated connections may hold: 512
+/// connections × (128 KiB of flow-control credit + connection state), with room for the
+/// allocator.
+const UNAUTHENTICATED_RSS_BOUND_MIB: u64 = 160;
+
+/// Connections without a client certificate to the CA port at `ca`, as a flood would open
+/// them: from [`FLOOD_SOURCES`] addresses, each opening as many streams as it is allowed and
+/// writing [`FLOOD_BYTES_PER_STREAM`] on each without finishing. Returns the connections that
+/// stayed open, with their streams (kept open by holding them).
+type Held = (
+    quinn::Connection,
+    Vec<(quinn::SendStream, quinn::RecvStream)>,
+);
+
+async fn flood(ca: std::net::SocketAddr, bundle: weft_ca::TrustBundle) -> Vec<Held> {
+    let bundle = Arc::new(arc_swap::ArcSwap::from_pointee(bundle));
+    let verifier = weft_ca::tls::SvidServerVerifier::new(bundle, "any CA host", |_| true);
+    let config = weft_ca::tls::quic_client_config(verifier, None, weft_ca::tls::ALPN_CA).unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for source in 0..FLOOD_SOURCES {
+        let local = std::net::SocketAddr::from(([127, 0, 0, 2 + source], 0));
+        let endpoint = quinn::Endpoint::client(local).unwrap();
+        for _ in 0..FLOOD_PER_SOURCE {
+            let (endpoint, config) = (endpoint.clone(), config.clone());
+            tasks.spawn(async move {
+                let connection = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    endpoint.connect_with(config, ca, "ca.weft.invalid").ok()?,
+                )
+                .await
+                .ok()?
+                .ok()?;
+                let junk = vec![0x5a; FLOOD_BYTES_PER_STREAM];
+                let mut streams = Vec::new();
+                for _ in 0..8 {
+                    let opened =
+                        tokio::time::timeout(Duration::from_millis(500), connection.open_bi())
+                            .await;
+                    let Ok(Ok((mut send, recv))) = opened else {
+                        break;
+                    };
+                    let _ = tokio::time::timeout(Duration::from_millis(500), send.write_all(&junk))
+                        .await;
+                    streams.push((send, recv));
+                }
+                // The streams stay open with the connection: their buffers are what the
+                // flood wants to pin.
+                (connection.close_reason().is_none()).then_some((connection, streams))
+            });
+        }
+    }
+    let mut open = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        if let Ok(Some(held)) = done {
+            open.push(held);
+        }
+    }
+    open.retain(|(connection, _)| connection.close_reason().is_none());
+    open
+}
+
+/// 800 connections without a client certificate from 40 addresses against a CA host, each
+/// pinning as many streams and bytes as it can: the CA host's memory grows by less than the
+/// documented bound, the excess is refused and counted, and a renewal by a real node is
+/// served during the flood.
+#[test]
+fn a_flood_of_unauthenticated_ca_connections_is_bounded_and_renewals_go_on() {
+    let mesh = mesh();
+    let rt = test_runtime();
+    let a1 = &mesh.cluster.agents[0];
+    let ca: std::net::SocketAddr = format!("{}:{}", a1.spec.ip, a1.spec.tunnel_port)
+        .parse()
+        .unwrap();
+    let pid = a1.pid().unwrap();
+    let before = weft_tests::agent::rss_kib(pid).unwrap();
+    let bundle = weft_ca::TrustBundle::load_pem(
+        weft_ca::TrustDomain::new(CLUSTER_ID).unwrap(),
+        &mesh.cluster.pki.bundle(),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let held = rt.block_on(flood(ca, bundle));
+    let flooded = started.elapsed();
+    // The CA host finishes the handshakes it accepted and refuses what is over the limit.
+    let unauthenticated = || a1.metric("weft_quic_unauthenticated_connections");
+    let mut last = -1.0;
+    let settled = wait_until(Duration::from_secs(20), || {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = unauthenticated();
+        std::mem::replace(&mut last, now) == now
+    });
+    assert!(settled.is_some(), "the CA host never settled");
+    let during = weft_tests::agent::rss_kib(pid).unwrap();
+    let renewal = renew_with_held_svid(&rt, &mesh, "a3", ca);
+    let refused = a1.metric("weft_quic_admission_total{result=\"refused_unauthenticated\"}");
+    let retried = a1.metric("weft_quic_admission_total{result=\"retry\"}");
+    let grew_mib = during.saturating_sub(before) / 1024;
+    println!(
+        "flood of {} connections from {FLOOD_SOURCES} addresses in {flooded:?}: {} held open by \
+         the CA host ({} open as the flood sees them), {refused} refused as unauthenticated over \
+         the limit, {retried} asked to retry; CA host RSS {} MiB before, {} MiB during \
+         (+{grew_mib} MiB, bound {UNAUTHENTICATED_RSS_BOUND_MIB} MiB)",
+        usize::from(FLOOD_SOURCES) * FLOOD_PER_SOURCE,
+        unauthenticated(),
+        held.len(),
+        before / 1024,
+        during / 1024,
+    );
+    renewal.expect("a3's renewal during the flood");
+    assert!(
+        refused >= 1.0,
+        "no flood connection was refused:\n{}",
+        a1.metrics().unwrap_or_default()
+    );
+    assert!(
+        unauthenticated() <= 512.0,
+        "{} unauthenticated connections held",
+        unauthenticated()
+    );
+    assert!(
+        grew_mib <= UNAUTHENTICATED_RSS_BOUND_MIB,
+        "the CA host grew by {grew_mib} MiB under the flood"
+    );
+    drop(held);
+}

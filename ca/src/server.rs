@@ -27,6 +27,9 @@ use crate::verify::{SvidError, Usage, VerifiedSvid, verify_svid};
 pub const SERVICE_TTL_RANGE: (Duration, Duration) =
     (Duration::from_secs(10), Duration::from_secs(30 * 86_400));
 
+/// How long a client may take to send one whole request.
+pub const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// CA-host metrics.
 #[derive(Clone)]
 pub struct CaMetrics {
@@ -183,26 +186,34 @@ impl CaServer {
                     server.metrics.count("unknown", &response);
                     response
                 };
-                let response = match (recv.read_to_end(MAX_MESSAGE).await, peer) {
-                    (Ok(_), Err(e)) => refuse(
+                let read =
+                    tokio::time::timeout(REQUEST_READ_TIMEOUT, recv.read_to_end(MAX_MESSAGE)).await;
+                let response = match (read, peer) {
+                    (Err(_), _) => refuse(
+                        "timeout",
+                        format!("request not complete within {REQUEST_READ_TIMEOUT:?}"),
+                    ),
+                    (Ok(Ok(_)), Err(e)) => refuse(
                         e.reason(),
                         format!("the client certificate no longer verifies: {e}"),
                     ),
-                    (Ok(bytes), Ok(peer)) => match serde_json::from_slice::<CaRequest>(&bytes) {
-                        Ok(request) => server.handle(peer.as_ref(), request),
-                        Err(e) => refuse(
-                            "malformed",
-                            format!("request is not valid JSON for weft-ca/1: {e}"),
-                        ),
-                    },
+                    (Ok(Ok(bytes)), Ok(peer)) => {
+                        match serde_json::from_slice::<CaRequest>(&bytes) {
+                            Ok(request) => server.handle(peer.as_ref(), request),
+                            Err(e) => refuse(
+                                "malformed",
+                                format!("request is not valid JSON for weft-ca/1: {e}"),
+                            ),
+                        }
+                    }
                     // The client went away mid-request: nothing to answer, nothing malformed.
                     (
-                        Err(quinn::ReadToEndError::Read(
+                        Ok(Err(quinn::ReadToEndError::Read(
                             quinn::ReadError::ConnectionLost(_) | quinn::ReadError::Reset(_),
-                        )),
+                        ))),
                         _,
                     ) => return,
-                    (Err(e), _) => refuse(
+                    (Ok(Err(e)), _) => refuse(
                         "malformed",
                         format!("request unreadable or over {MAX_MESSAGE} bytes: {e}"),
                     ),

@@ -647,6 +647,18 @@ pub fn open_fds(pid: u32) -> Option<usize> {
         .map(Iterator::count)
 }
 
+/// Resident memory (`VmRSS`) of process `pid`, KiB.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// Spawns a local helper process (an app server such as `redis-server`) that
 /// [`kill_process`] ends by PID; the caller keeps the [`Child`].
 pub fn spawn_process(cmd: &mut Command) -> anyhow::Result<Child> {

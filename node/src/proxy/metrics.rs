@@ -21,6 +21,8 @@ pub struct ProxyMetrics {
     rtt: Histogram,
     path_events: IntCounterVec,
     reverified: IntCounterVec,
+    admission: IntCounterVec,
+    unauthenticated: IntGauge,
 }
 
 /// Which way a connection goes, seen from this agent.
@@ -131,6 +133,28 @@ impl ProxyMetrics {
             &["result", "reason"],
         )?;
         registry.register(Box::new(reverified.clone()))?;
+        let admission = IntCounterVec::new(
+            Opts::new(
+                "weft_quic_admission_total",
+                "Incoming QUIC connection attempts on the tunnel port, by result: accepted, retry (asked to prove its address), refused_source (too many handshakes from one address), refused_load (too many in all), refused_unauthenticated (too many connections without a client certificate).",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(admission.clone()))?;
+        let unauthenticated = IntGauge::new(
+            "weft_quic_unauthenticated_connections",
+            "Open QUIC connections on the tunnel port whose peer presented no client certificate (joining agents' CA requests; bounded, see docs/identity.md).",
+        )?;
+        registry.register(Box::new(unauthenticated.clone()))?;
+        for result in [
+            "accepted",
+            "retry",
+            "refused_source",
+            "refused_load",
+            "refused_unauthenticated",
+        ] {
+            admission.with_label_values(&[result]);
+        }
         Ok(ProxyMetrics {
             opened,
             closed,
@@ -143,6 +167,8 @@ impl ProxyMetrics {
             rtt,
             path_events,
             reverified,
+            admission,
+            unauthenticated,
         })
     }
 
@@ -184,6 +210,16 @@ impl ProxyMetrics {
     /// the reason its peer no longer verifies.
     pub fn reverified(&self, result: &str, reason: &str) {
         self.reverified.with_label_values(&[result, reason]).inc();
+    }
+
+    /// Counts an incoming QUIC connection attempt by admission `result`.
+    pub fn admission(&self, result: &str) {
+        self.admission.with_label_values(&[result]).inc();
+    }
+
+    /// The gauge of open connections without a client certificate.
+    pub fn unauthenticated(&self) -> &IntGauge {
+        &self.unauthenticated
     }
 
     /// Tracks the number of open tunnels.

@@ -1,17 +1,22 @@
 //! The agent's QUIC endpoint on the tunnel port: one UDP socket for every protocol between
-//! agents, told apart by ALPN: data-plane tunnels (`weft/1`, every agent), policy bundle
-//! fetches (`weft-policy/1`, every agent), golden-metric snapshots (`weft-stats/1`, every agent) and the CA protocol (`weft-ca/1`, CA hosts). It also carries this agent's own outgoing tunnels and CA requests.
+//! agents, told apart by ALPN: data-plane tunnels (`weft/1`, every agent), signed-bundle
+//! fetches (`weft-policy/1`, `weft-revocations/1`, every agent), golden-metric snapshots
+//! (`weft-stats/1`, every agent) and the CA protocol (`weft-ca/1`, CA hosts). It also carries
+//! this agent's own outgoing tunnels and CA requests.
 //!
 //! It is bound before the agent joins gossip, so a port in use fails startup. The server
 //! certificate is chosen per ALPN and swapped on rotation without touching live connections.
+//! What a peer may cost before and after it proves who it is is decided in [`limits`].
 
-use std::net::SocketAddr;
+pub mod limits;
+
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use tokio::sync::watch;
-use tracing::warn;
+use tracing::{debug, warn};
 use weft_ca::server::CaServer;
 use weft_ca::tls::{
     ALPN_CA, AlpnCertResolver, OptionalSvidClientVerifier, SharedBundle, quic_server_config,
@@ -24,6 +29,7 @@ use crate::agent::stats;
 use crate::policy::bundle::{PolicyFiles, RevocationList};
 use crate::proxy::tunnel::{ALPN_TUNNEL, MAX_UDP_PAYLOAD, transport_config};
 use crate::proxy::{ProxyContext, inbound};
+use limits::{Admission, Admit};
 
 /// Errors opening the endpoint.
 #[derive(Debug, thiserror::Error)]
@@ -141,7 +147,7 @@ impl QuicEndpoint {
                 stats::ALPN_STATS,
             ],
         )?;
-        config.transport_config(Arc::new(transport_config()));
+        config.transport_config(Arc::new(server_transport_config()));
         let socket = bind_udp(addr).map_err(|e| EndpointError::Bind(addr, e))?;
         let runtime = quinn::default_runtime()
             .ok_or_else(|| EndpointError::Bind(addr, std::io::Error::other("no async runtime")))?;
@@ -181,6 +187,7 @@ impl QuicEndpoint {
         proxy: Arc<ProxyContext>,
         mut shutdown: watch::Receiver<bool>,
     ) {
+        let admission = Arc::new(Mutex::new(Admission::default()));
         loop {
             let incoming = tokio::select! {
                 _ = shutdown.wait_for(|s| *s) => break,
@@ -189,11 +196,34 @@ impl QuicEndpoint {
                     None => break,
                 },
             };
+            let remote = incoming.remote_address();
+            let verdict = admission
+                .lock()
+                .expect("admission lock is never poisoned")
+                .incoming(remote.ip(), incoming.remote_address_validated());
+            proxy.metrics.admission(verdict.as_label());
+            match verdict {
+                Admit::Accept => {}
+                Admit::Retry => {
+                    if let Err(e) = incoming.retry() {
+                        e.into_incoming().refuse();
+                    }
+                    continue;
+                }
+                Admit::RefuseSource | Admit::RefuseLoad => {
+                    debug!(%remote, result = verdict.as_label(), "QUIC connection attempt refused");
+                    incoming.refuse();
+                    continue;
+                }
+            }
+            let handshake = Slot::new(admission.clone(), remote.ip(), SlotKind::Handshake);
             let ca = ca.clone();
             let proxy = proxy.clone();
+            let admission = admission.clone();
             tokio::spawn(async move {
-                let remote = incoming.remote_address();
-                let connection = match incoming.await {
+                let connected = incoming.await;
+                drop(handshake);
+                let connection = match connected {
                     Ok(connection) => connection,
                     Err(e) => {
                         warn!(%remote, error = %e, "QUIC handshake refused");
@@ -201,10 +231,37 @@ impl QuicEndpoint {
                         return;
                     }
                 };
+                // Held while the connection is served.
+                let _unauthenticated = if connection.peer_identity().is_none() {
+                    let admitted = admission
+                        .lock()
+                        .expect("admission lock is never poisoned")
+                        .unauthenticated(remote.ip());
+                    if !admitted {
+                        proxy.metrics.admission("refused_unauthenticated");
+                        debug!(%remote, "too many connections without a client certificate; closing");
+                        connection.close(
+                            8u32.into(),
+                            b"too many connections without a client certificate",
+                        );
+                        return;
+                    }
+                    let gauge = proxy.metrics.unauthenticated().clone();
+                    Some(Slot::new(
+                        admission,
+                        remote.ip(),
+                        SlotKind::Unauthenticated(gauge),
+                    ))
+                } else {
+                    None
+                };
                 let alpn = connection
                     .handshake_data()
                     .and_then(|data| data.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
                     .and_then(|data| data.protocol);
+                let budget = limits::budget(alpn.as_deref().unwrap_or_default());
+                connection.set_max_concurrent_bi_streams(budget.streams.into());
+                connection.set_receive_window(budget.window.into());
                 match (alpn.as_deref(), ca) {
                     (Some(ALPN_TUNNEL), _) => inbound::serve(proxy, connection).await,
                     (Some(ALPN_CA), Some(ca)) => ca.serve(connection).await,
@@ -226,5 +283,59 @@ impl QuicEndpoint {
         }
         self.endpoint.close(0u32.into(), b"agent stopping");
         self.endpoint.wait_idle().await;
+    }
+}
+
+/// The server side's transport settings: the tunnels' ([`transport_config`]), except that a
+/// connection starts with the small budget of [`limits`] until its protocol is known.
+fn server_transport_config() -> quinn::TransportConfig {
+    let mut transport = transport_config();
+    transport
+        .max_concurrent_bidi_streams(limits::INITIAL_STREAMS.into())
+        .receive_window(limits::INITIAL_WINDOW.into());
+    transport
+}
+
+/// What an admitted connection holds in the [`Admission`] state.
+enum SlotKind {
+    Handshake,
+    /// With the gauge that shows it.
+    Unauthenticated(prometheus::IntGauge),
+}
+
+/// Releases its count in the [`Admission`] state when dropped, however the task holding it
+/// ends.
+struct Slot {
+    admission: Arc<Mutex<Admission>>,
+    source: IpAddr,
+    kind: SlotKind,
+}
+
+impl Slot {
+    fn new(admission: Arc<Mutex<Admission>>, source: IpAddr, kind: SlotKind) -> Slot {
+        if let SlotKind::Unauthenticated(gauge) = &kind {
+            gauge.inc();
+        }
+        Slot {
+            admission,
+            source,
+            kind,
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut admission = self
+            .admission
+            .lock()
+            .expect("admission lock is never poisoned");
+        match &self.kind {
+            SlotKind::Handshake => admission.handshake_done(self.source),
+            SlotKind::Unauthenticated(gauge) => {
+                admission.unauthenticated_closed(self.source);
+                gauge.dec();
+            }
+        }
     }
 }
