@@ -33,8 +33,18 @@
 //!    time until they merely see the publisher's new key (gossip alone), and fetches served
 //!    per member.
 //!
+//! 4. **Revocation** (its own section, "Revocation"): the same machinery carries the
+//!    operator's revocation list. A real `weft-revocations/1` list of [`REVOCATION_ENTRIES`]
+//!    entries is signed with a real operator credential; opening it (`weft::policy::bundle::open`,
+//!    every check) and installing it in a trust bundle are timed, its fetch over loopback QUIC
+//!    is measured as in part 2, and the convergence of part 3 is simulated with those delays.
+//!    Then 5 real agents (`target/release/weft` on loopback) take alternating rounds of
+//!    `weft revoke id …` and, as the baseline, `weft policy apply` of a one-file set: the time
+//!    from the command until every agent holds the new version.
+//!
 //! Environment: `WEFT_BENCH_QUICK=1` (a smoke run: fewer iterations, small pools, nothing
-//! written), `WEFT_POLICY_SIZES` (pool sizes, default `100,300,1000`), `WEFT_POLICY_DOCS`
+//! written), `WEFT_POLICY_SIZES` (pool sizes, default `100,300,1000`), `WEFT_POLICY_PARTS`
+//! (`policy`, `revocation` or both, the default, comma separated), `WEFT_POLICY_DOCS`
 //! (`1` writes `docs/benchmarks.md` even with custom sizes or quick, `0` never). Every loop is
 //! bounded in iterations and time, every wait in simulated rounds and wall time.
 //!
@@ -45,7 +55,7 @@ use std::fmt::Write as _;
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, anyhow, bail};
 use chitchat::ChitchatId;
@@ -144,6 +154,33 @@ fn main() -> anyhow::Result<()> {
         bench_report::machine()
     );
     let td = TrustDomain::new(TRUST_DOMAIN)?;
+    let parts = std::env::var("WEFT_POLICY_PARTS").unwrap_or_else(|_| "policy,revocation".into());
+    let write = match std::env::var("WEFT_POLICY_DOCS").as_deref() {
+        Ok("1") => true,
+        Ok("0") => false,
+        _ => !quick && sizes_env.is_none(),
+    };
+    if parts.split(',').any(|p| p == "policy") {
+        policy_parts(&td, effort, &sizes, load.clone(), quick, write)?;
+    }
+    if parts.split(',').any(|p| p == "revocation") {
+        revocation_part(effort, &sizes, quick, write)?;
+    }
+    eprintln!("policy: total {:.0} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Parts 1 to 3, written as the "Policy" section.
+fn policy_parts(
+    td: &TrustDomain,
+    effort: Effort,
+    sizes: &[usize],
+    load: String,
+    quick: bool,
+    write: bool,
+) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let td = td.clone();
 
     // Part 1: the sets, their build cost and the decision cost.
     let mut sets = Vec::new();
@@ -168,29 +205,7 @@ fn main() -> anyhow::Result<()> {
     eprintln!("policy: fetch model {model:?}");
 
     // Part 3: convergence over gossip.
-    let mut pools = Vec::new();
-    let mut skipped = Vec::new();
-    for &n in &sizes {
-        let need = pool_memory_gib(n);
-        let available = mem_available_gib();
-        if need > available {
-            let why =
-                format!("N={n} skipped: needs about {need:.1} GiB, {available:.1} GiB available");
-            eprintln!("policy: {why}");
-            skipped.push(why);
-            continue;
-        }
-        eprintln!("policy: simulating {n} agents");
-        let wall = std::time::Instant::now();
-        let result =
-            runtime(Clock::Simulated)?.block_on(simulate(n, AGENT_INTERVAL, model, &bundle))?;
-        eprintln!(
-            "policy: N={n} done in {:.0} s: {result:?}",
-            wall.elapsed().as_secs_f64()
-        );
-        pools.push(result);
-        release_memory();
-    }
+    let (pools, skipped) = simulate_pools(sizes, model, &bundle)?;
 
     let report = render(&Report {
         sets: &sets,
@@ -207,11 +222,6 @@ fn main() -> anyhow::Result<()> {
         elapsed: started.elapsed(),
     });
     println!("{report}");
-    let write = match std::env::var("WEFT_POLICY_DOCS").as_deref() {
-        Ok("1") => true,
-        Ok("0") => false,
-        _ => !quick && sizes_env.is_none(),
-    };
     if write {
         bench_report::write_section(
             "benchmarks.md",
@@ -226,8 +236,39 @@ fn main() -> anyhow::Result<()> {
             "policy: quick run or custom sizes, docs/benchmarks.md left alone (WEFT_POLICY_DOCS=1 forces)"
         );
     }
-    eprintln!("policy: total {:.0} s", started.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// Part 3's simulation for each pool size that fits in memory; the sizes skipped, and why.
+fn simulate_pools(
+    sizes: &[usize],
+    model: FetchModel,
+    bundle: &Bundle,
+) -> anyhow::Result<(Vec<PoolResult>, Vec<String>)> {
+    let mut pools = Vec::new();
+    let mut skipped = Vec::new();
+    for &n in sizes {
+        let need = pool_memory_gib(n);
+        let available = mem_available_gib();
+        if need > available {
+            let why =
+                format!("N={n} skipped: needs about {need:.1} GiB, {available:.1} GiB available");
+            eprintln!("policy: {why}");
+            skipped.push(why);
+            continue;
+        }
+        eprintln!("policy: simulating {n} agents");
+        let wall = std::time::Instant::now();
+        let result =
+            runtime(Clock::Simulated)?.block_on(simulate(n, AGENT_INTERVAL, model, bundle))?;
+        eprintln!(
+            "policy: N={n} done in {:.0} s: {result:?}",
+            wall.elapsed().as_secs_f64()
+        );
+        pools.push(result);
+        release_memory();
+    }
+    Ok((pools, skipped))
 }
 
 fn parse_sizes(spec: &str) -> anyhow::Result<Vec<usize>> {
@@ -1898,4 +1939,227 @@ fn fmt_count(n: u64) -> String {
         out.push(c);
     }
     out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Part 4: revocation
+// ---------------------------------------------------------------------------------------------
+
+/// Entries of the revocation list spread in part 4.
+const REVOCATION_ENTRIES: usize = 100;
+/// Agents of the real-agent rounds.
+const REAL_AGENTS: usize = 5;
+
+/// Opening and installing a real revocation list.
+struct RevocationCost {
+    /// The signed list, wrapped for the fetch and the simulation.
+    bundle: Bundle,
+    /// `open` (every check) plus installing it in a trust bundle, ms.
+    open: Spread,
+}
+
+/// Signs a real `weft-revocations/1` list with a real operator credential and times opening
+/// and installing it.
+fn measure_revocation(effort: Effort) -> anyhow::Result<RevocationCost> {
+    use weft::policy::bundle::{RevocationList, Verified};
+    let dir = tempfile::tempdir()?;
+    let td = TrustDomain::new(TRUST_DOMAIN)?;
+    let made = pki::init(&td, "ops", dir.path())?;
+    let signer = weft_ca::OperatorCredential::load(dir.path())?.signer(SystemTime::now())?;
+    let at = weft_ca::verify::unix_secs(SystemTime::now());
+    let revoked = (0..REVOCATION_ENTRIES)
+        .map(|i| weft_ca::Revocation {
+            kind: weft_ca::RevokedKind::Node,
+            value: format!("host-{i:04}"),
+            at,
+            reason: "decommissioned".into(),
+        })
+        .collect();
+    let bytes = weft::policy::bundle::sign(RevocationList { revoked }, 2, &signer)?;
+    let mut times = Vec::new();
+    for _ in 0..effort.build_rounds.max(1) * 20 {
+        let (took, installed) = cpu_ms(|| -> anyhow::Result<weft_ca::TrustBundle> {
+            let opened: Verified<RevocationList> =
+                weft::policy::bundle::open(&bytes, &made.bundle, SystemTime::now())?;
+            Ok(made.bundle.with_revocations(opened.compiled))
+        });
+        black_box(installed?);
+        times.push(took);
+    }
+    Ok(RevocationCost {
+        bundle: Bundle::sign(std::str::from_utf8(&bytes)?, 2)?,
+        open: spread(times),
+    })
+}
+
+/// One kind of real-agent round: time from the command until every agent holds the version.
+#[derive(Debug, Clone)]
+struct RealRounds {
+    revoke: Spread,
+    policy: Spread,
+    rounds: usize,
+}
+
+/// Alternating rounds of `weft revoke id` and `weft policy apply` on [`REAL_AGENTS`] real
+/// agents on loopback.
+fn real_agent_rounds(effort: Effort) -> anyhow::Result<RealRounds> {
+    use weft_tests::agent::{Cluster, TestAgent, wait_until};
+    let cluster = Cluster::start(REAL_AGENTS, |_| {})?;
+    wait_until(Duration::from_secs(30), || cluster.all_ready())
+        .context("the real agents never became ready")?;
+    let version = |agent: &TestAgent, field: &str| {
+        agent
+            .cli_json(&["status"])
+            .ok()
+            .and_then(|s| s[field].as_u64())
+            .unwrap_or(0)
+    };
+    let until_everywhere = |field: &str, wanted: u64| -> anyhow::Result<f64> {
+        let started = std::time::Instant::now();
+        wait_until(Duration::from_secs(30), || {
+            cluster.agents.iter().all(|a| version(a, field) >= wanted)
+        })
+        .with_context(|| format!("{field} {wanted} did not reach every agent in 30 s"))?;
+        Ok(started.elapsed().as_secs_f64() * 1e3)
+    };
+    let policy_dir = cluster.dir().join("bench-policy");
+    std::fs::create_dir_all(&policy_dir)?;
+    std::fs::write(
+        policy_dir.join("mesh.yaml"),
+        "apiVersion: weft.io/v1alpha1\nkind: Mesh\nmetadata: {name: mesh}\nspec: {default: allow}\n",
+    )?;
+    let operator = cluster.pki.operator_dir();
+    let a1 = &cluster.agents[0];
+    let run = |args: &[&str]| -> anyhow::Result<()> {
+        let out = a1.cli(args, Some(operator));
+        anyhow::ensure!(
+            out.status.success(),
+            "weft {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    };
+    let rounds = effort.build_rounds * 2;
+    let (mut revoke, mut policy) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let before = version(a1, "revocation_version");
+        let id = format!("spiffe://test.weft/ns/bench/sa/round-{round}");
+        let started = std::time::Instant::now();
+        run(&["revoke", "id", &id, "--reason", "bench"])?;
+        let wanted = version(a1, "revocation_version").max(before + 1);
+        let command = started.elapsed().as_secs_f64() * 1e3;
+        revoke.push(command + until_everywhere("revocation_version", wanted)?);
+        let before = version(a1, "policy_version");
+        let started = std::time::Instant::now();
+        run(&[
+            "policy",
+            "apply",
+            "-f",
+            policy_dir.to_str().context("path")?,
+        ])?;
+        let wanted = version(a1, "policy_version").max(before + 1);
+        let command = started.elapsed().as_secs_f64() * 1e3;
+        policy.push(command + until_everywhere("policy_version", wanted)?);
+    }
+    Ok(RealRounds {
+        revoke: spread(revoke),
+        policy: spread(policy),
+        rounds,
+    })
+}
+
+/// Part 4, written as the "Revocation" section.
+fn revocation_part(
+    effort: Effort,
+    sizes: &[usize],
+    quick: bool,
+    write: bool,
+) -> anyhow::Result<()> {
+    let cost = measure_revocation(effort)?;
+    eprintln!("revocation: open and install {:?}", cost.open);
+    let fetch = measure_fetch(&cost.bundle, effort)?;
+    let model = FetchModel {
+        handshake: fetch.handshake.median,
+        transfer: fetch.established.median,
+        verify: cost.open.median,
+    };
+    eprintln!("revocation: fetch model {model:?}");
+    let real = real_agent_rounds(effort)?;
+    eprintln!("revocation: real agents {real:?}");
+    let (pools, skipped) = simulate_pools(sizes, model, &cost.bundle)?;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "The operator's revocation list travels through the same machinery as policy (signed \
+         bundle, gossip advert, fetch from an advertiser, verify, persist): what it costs and \
+         how fast it reaches every agent. Every agent closes the tunnels of a revoked peer the \
+         moment it installs the list (tested in `tests/trust.rs`), so the time to hold the list \
+         is the time to cut the peer off.\n"
+    );
+    let _ = writeln!(
+        s,
+        "**Cost.** A list of {REVOCATION_ENTRIES} node entries is {} bytes. Opening it (every \
+         check: operator certificate, signature, entries) and installing it in the trust bundle \
+         takes {} of CPU. Fetching it from another agent over loopback QUIC: handshake {}, \
+         transfer on an open connection {}.\n",
+        cost.bundle.bytes.len(),
+        fmt_ms(&cost.open),
+        fmt_ms(&fetch.handshake),
+        fmt_ms(&fetch.established),
+    );
+    let _ = writeln!(
+        s,
+        "**{REAL_AGENTS} real agents** (release binary, loopback, one CA host; {} alternating \
+         rounds; median, min–max): from the command on one agent until every agent reports \
+         the new version in `weft status`, polled through the CLI every few ms.\n\n\
+         | command | until every agent holds it |\n|---|---|\n\
+         | `weft revoke id …` | {} |\n| baseline: `weft policy apply` (one file) | {} |\n",
+        real.rounds,
+        fmt_ms(&real.revoke),
+        fmt_ms(&real.policy),
+    );
+    let _ = writeln!(
+        s,
+        "**Simulated pools** (real chitchat members on the simulated clock, as in \"Policy\"; \
+         fetch and verification are the delays above). Times from the publisher's `set`; the \
+         baseline is gossip alone (every member holding the publisher's new key). Goal: every \
+         agent within 2 s at p99.\n\n\
+         | members | holds the list: p50 / p99 / all | gossip alone p99 | p99 ratio | goal |\n\
+         |---|---|---|---|---|"
+    );
+    for p in &pools {
+        let secs = |d: Option<Duration>| {
+            d.map_or("-".to_string(), |d| format!("{:.2} s", d.as_secs_f64()))
+        };
+        let met = p
+            .advertised
+            .p99
+            .is_some_and(|d| d <= Duration::from_secs(2));
+        let _ = writeln!(
+            s,
+            "| {} | {} / {} / {} | {} | {} | {} |",
+            p.n,
+            secs(p.advertised.p50),
+            secs(p.advertised.p99),
+            secs(p.advertised.p100),
+            secs(p.key_seen.p99),
+            ratio(p.advertised.p99, p.key_seen.p99),
+            if met { "met" } else { "not met" },
+        );
+    }
+    for why in &skipped {
+        let _ = writeln!(s, "\n{why}");
+    }
+    println!("{s}");
+    if write && !quick {
+        bench_report::write_section(
+            "benchmarks.md",
+            "Revocation",
+            "WEFT_POLICY_PARTS=revocation cargo bench -p weft-tests --bench policy",
+            &s,
+        )
+        .context("writing the Revocation section of docs/benchmarks.md")?;
+        eprintln!("revocation: wrote docs/benchmarks.md");
+    }
+    Ok(())
 }
