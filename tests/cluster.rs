@@ -101,10 +101,31 @@ fn kill_9_is_seen_dead_by_all_within_5s() {
     );
 }
 
+/// Waits until every agent lists every member with a verified identity: only then can a
+/// member's signed records (such as `left`) reach every catalog.
+fn verified_everywhere(cluster: &Cluster) {
+    let names = cluster.names();
+    let all_verified = |agent: &weft_tests::agent::TestAgent| {
+        agent.cli_json(&["members"]).is_ok_and(|members| {
+            names.iter().all(|name| {
+                members.as_array().is_some_and(|list| {
+                    list.iter()
+                        .any(|m| m["name"] == name.as_str() && !m["identity"].is_null())
+                })
+            })
+        })
+    };
+    wait_until(Duration::from_secs(15), || {
+        cluster.agents.iter().all(&all_verified)
+    })
+    .unwrap_or_else(|| panic!("not every member verified everywhere\n{}", cluster.logs()));
+}
+
 #[test]
 fn sigterm_is_seen_left_within_1s() {
     let mut cluster = five();
     converge(&cluster, Duration::from_secs(5));
+    verified_everywhere(&cluster);
     cluster.agents[3].sigterm();
     let took = wait_until(Duration::from_secs(1), || {
         ALL.iter()
