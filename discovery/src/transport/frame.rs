@@ -209,8 +209,14 @@ fn seal_frame(
     Ok(frame)
 }
 
+/// How far ahead of our clock a frame's timestamp may be: small, so that hosts need NTP-grade
+/// clocks, and a frame sealed (or captured) now stays usable for at most `freshness` from now,
+/// not `freshness` past a far-future timestamp.
+pub const MAX_FUTURE_SKEW: Duration = Duration::from_secs(10);
+
 /// Opens one datagram: checks its shape, authenticates it with each key of the keyring in
-/// order, decrypts it and checks that its timestamp is within `freshness` of `now_ms`.
+/// order, decrypts it and checks that its timestamp is at most `freshness` behind `now_ms`
+/// and at most [`MAX_FUTURE_SKEW`] ahead of it.
 ///
 /// The error is the outcome to count; nothing about an unauthenticated datagram is kept.
 pub fn open(
@@ -251,7 +257,11 @@ pub fn open(
         .ok_or(PacketOutcome::BadAuth)?;
 
     let window_ms = u64::try_from(freshness.as_millis()).unwrap_or(u64::MAX);
-    if header.timestamp_ms.abs_diff(now_ms) > window_ms {
+    let ahead_ms = u64::try_from(MAX_FUTURE_SKEW.as_millis())
+        .unwrap_or(u64::MAX)
+        .min(window_ms);
+    let ts = header.timestamp_ms;
+    if now_ms.saturating_sub(ts) > window_ms || ts.saturating_sub(now_ms) > ahead_ms {
         return Err(PacketOutcome::Stale);
     }
     Ok(OpenedFrame {
@@ -824,9 +834,14 @@ mod tests {
             Err(PacketOutcome::Stale)
         );
         assert!(open(&keys, &frame, NOW + 60_000, WINDOW).is_ok());
-        assert!(open(&keys, &frame, NOW - 60_000, WINDOW).is_ok());
         assert_eq!(
             open(&keys, &frame, NOW + 60_001, WINDOW),
+            Err(PacketOutcome::Stale)
+        );
+        // Ahead of the receiver's clock: only a small skew.
+        assert!(open(&keys, &frame, NOW - 10_000, WINDOW).is_ok());
+        assert_eq!(
+            open(&keys, &frame, NOW - 10_001, WINDOW),
             Err(PacketOutcome::Stale)
         );
         // A forged old frame is bad_auth, not stale: the timestamp means nothing unsigned.

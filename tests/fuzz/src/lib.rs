@@ -490,7 +490,9 @@ fn gossip_script(mut script: &[u8]) {
             Err(PacketOutcome::Malformed)
         } else if key == 2 {
             Err(PacketOutcome::BadAuth)
-        } else if timestamp_ms.abs_diff(now_ms) > GOSSIP_FRESHNESS.as_millis() as u64 {
+        } else if now_ms.saturating_sub(timestamp_ms) > GOSSIP_FRESHNESS.as_millis() as u64
+            || timestamp_ms.saturating_sub(now_ms) > frame::MAX_FUTURE_SKEW.as_millis() as u64
+        {
             Err(PacketOutcome::Stale)
         } else {
             Ok(())
