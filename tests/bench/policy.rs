@@ -2111,7 +2111,9 @@ fn revocation_part(
         s,
         "**{REAL_AGENTS} real agents** (release binary, loopback, one CA host; {} alternating \
          rounds; median, min–max): from the command on one agent until every agent reports \
-         the new version in `weft status`, polled through the CLI every few ms.\n\n\
+         the new version in `weft status`, polled through the CLI \
+         (each poll asks all five agents, then waits 25 ms), so figures include up to one poll \
+         of delay.\n\n\
          | command | until every agent holds it |\n|---|---|\n\
          | `weft revoke id …` | {} |\n| baseline: `weft policy apply` (one file) | {} |\n",
         real.rounds,
