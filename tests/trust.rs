@@ -484,6 +484,14 @@ fn cut_off_on(agent: &TestAgent, expected: &[&str]) -> bool {
     revoked && endpoints == expected
 }
 
+/// The `api` endpoints each of the agents `observers` lists, for failure messages.
+fn api_endpoints(mesh: &Mesh, observers: &[usize]) -> Vec<Vec<(String, String)>> {
+    observers
+        .iter()
+        .map(|&i| mesh.cluster.agents[i].endpoints("default/api"))
+        .collect()
+}
+
 /// Asks the CA host at `ca` to renew `node`'s node SVID with the certificate and key the
 /// agent holds in `data_dir`, as that agent would.
 fn renew_with_held_svid(
@@ -573,10 +581,7 @@ fn a_revoked_host_is_cut_off_everywhere_under_load_and_stays_revoked() {
     assert!(
         everywhere.is_some(),
         "a2 not cut off everywhere in 10 s: {:?}\n{}",
-        honest
-            .iter()
-            .map(|&i| mesh.cluster.agents[i].endpoints("default/api"))
-            .collect::<Vec<_>>(),
+        api_endpoints(&mesh, &honest),
         mesh.cluster.logs()
     );
     println!(
@@ -637,10 +642,7 @@ fn a_revoked_host_is_cut_off_everywhere_under_load_and_stays_revoked() {
     assert!(
         still.is_some(),
         "after restarts: {:?}\n{}",
-        honest
-            .iter()
-            .map(|&i| mesh.cluster.agents[i].endpoints("default/api"))
-            .collect::<Vec<_>>(),
+        api_endpoints(&mesh, &honest),
         mesh.cluster.logs()
     );
     let traffic = Traffic::start(mesh.upstream);

@@ -274,7 +274,10 @@ pub fn verify_svid(
         let cert = parse(der, position)?;
         check_signing_certificate(&cert, position)?;
         check_validity(&cert, ChainPosition(position), now_secs)?;
-        if let Some(entry) = revocations.serial(&serial_hex(&cert)) {
+        // Formatting the serial costs an allocation per certificate: only when needed.
+        if !revocations.is_empty()
+            && let Some(entry) = revocations.serial(&serial_hex(&cert))
+        {
             return Err(SvidError::Revoked {
                 position: ChainPosition(position),
                 entry: entry.to_string(),

@@ -380,19 +380,15 @@ impl Agent {
             self.shared.policy.active().advert(),
             self.shared.revocations.held().advert(),
         );
-        if now.0 != advertised.0
-            && let Some(advert) = &now.0
-        {
-            self.membership
-                .set_advert(weft_discovery::POLICY_KEY, advert)
-                .await;
-        }
-        if now.1 != advertised.1
-            && let Some(advert) = &now.1
-        {
-            self.membership
-                .set_advert(weft_discovery::REVOCATIONS_KEY, advert)
-                .await;
+        for (key, held, before) in [
+            (weft_discovery::POLICY_KEY, &now.0, &advertised.0),
+            (weft_discovery::REVOCATIONS_KEY, &now.1, &advertised.1),
+        ] {
+            if held != before
+                && let Some(advert) = held
+            {
+                self.membership.set_advert(key, advert).await;
+            }
         }
         *advertised = now;
     }
