@@ -587,3 +587,52 @@ async fn an_agent_refuses_a_server_that_is_not_a_ca_host() {
         other => panic!("expected a refused handshake, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn a_slow_request_is_refused_in_time_and_a_dropped_one_is_not_malformed() {
+    let m = mesh();
+    let verifier = weft_ca::tls::SvidServerVerifier::new(
+        m.bundle.clone(),
+        "a CA host",
+        weft_ca::client::is_ca_server_id,
+    );
+    let config = weft_ca::tls::quic_client_config(verifier, None, ALPN_CA).unwrap();
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let connect = || async {
+        endpoint
+            .connect_with(config.clone(), m.ca1.addr, "ca.weft.invalid")
+            .unwrap()
+            .await
+            .unwrap()
+    };
+
+    // A client that goes away in the middle of its request.
+    let gone = connect().await;
+    let (mut send, _recv) = gone.open_bi().await.unwrap();
+    send.write_all(br#"{"redeem":"#).await.unwrap();
+    gone.close(0u32.into(), b"gone");
+
+    // A client that sends half a request and waits.
+    let slow = connect().await;
+    let (mut send, mut recv) = slow.open_bi().await.unwrap();
+    send.write_all(br#"{"redeem":"#).await.unwrap();
+    let started = std::time::Instant::now();
+    let answer = recv.read_to_end(64 * 1024).await.unwrap();
+    let waited = started.elapsed();
+    let response: weft_ca::protocol::CaResponse = serde_json::from_slice(&answer).unwrap();
+    let weft_ca::protocol::CaResponse::Refused { reason, message } = response else {
+        panic!("a half request was answered: {response:?}");
+    };
+    assert_eq!(reason, "timeout", "{message}");
+    let limit = weft_ca::server::REQUEST_READ_TIMEOUT;
+    assert!(
+        waited >= limit - Duration::from_secs(1) && waited < limit + Duration::from_secs(5),
+        "answered after {waited:?}"
+    );
+    assert_eq!(m.ca1.refused("timeout"), 1);
+    assert_eq!(
+        m.ca1.refused("malformed"),
+        0,
+        "a dropped request is not malformed"
+    );
+}
