@@ -33,15 +33,48 @@ pub fn weft_bin() -> PathBuf {
     bin
 }
 
-/// A free loopback port for both TCP and UDP (best effort: bound, then released).
+/// A free loopback port for both TCP and UDP, for an agent listener whose port must be
+/// written in its config (best effort: tried, then released).
+///
+/// The port is taken below the kernel's ephemeral range (`ip_local_port_range`), so no socket
+/// that binds port 0 or connects out (every other socket of the tests) can be given it between
+/// this check and the agent's bind; and never twice in one process.
 pub fn free_port() -> u16 {
-    loop {
-        let udp = UdpSocket::bind("127.0.0.1:0").expect("bind udp");
-        let port = udp.local_addr().expect("local addr").port();
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    const LOWEST: u16 = 15_000;
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768)
+        .max(LOWEST + 1_000);
+    let span = u64::from(ephemeral_start - LOWEST);
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    for _ in 0..10_000 {
+        // A different start per process and call (splitmix64 of pid, time and a counter).
+        let mut x = u64::from(std::process::id())
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64)
+            ^ COUNTER
+                .fetch_add(1, Ordering::Relaxed)
+                .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        let port = LOWEST + ((x ^ (x >> 31)) % span) as u16;
+        if given.contains(&port) {
+            continue;
+        }
+        if UdpSocket::bind(("127.0.0.1", port)).is_ok()
+            && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+        {
+            given.push(port);
             return port;
         }
     }
+    panic!("no free loopback port between {LOWEST} and {ephemeral_start}");
 }
 
 /// Writes a fresh random gossip keyring file (mode 0600) and returns its path.
